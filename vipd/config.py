@@ -1,0 +1,422 @@
+"""vipd configuration: YAML in, typed frozen objects out, every error reported at once.
+
+Each error names its path and value, e.g.
+    vlans[1].instances[0].vips[2]: '192.0.2.300' is not an IP address
+`load(path)` raises ConfigError carrying the whole list; nothing starts on a bad config.
+Durations are written with a unit ("10ms", "1s", "1.5s") and stored in milliseconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from vipd.core.packet import ChecksumVariant, IPAddress
+from vipd.core.router import RouterConfig
+from vipd.core.timing import ms_to_s
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+T = TypeVar("T")
+
+DEFAULT_CONTROL_SOCKET = "/run/vipd/vipd.sock"
+
+
+class Mode(enum.Enum):
+    SINGLE_ACTIVE = "single-active"
+    PER_VLAN_ACTIVE = "per-vlan-active"
+    ALL_ACTIVE = "all-active"
+
+
+class ConfigError(Exception):
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    control_socket: str = DEFAULT_CONTROL_SOCKET
+    control_socket_mode: int = 0o600
+
+
+@dataclass(frozen=True)
+class InstanceConfig:
+    vrid: int
+    priority: int
+    advert_interval_cs: int
+    version: int
+    vips: tuple[IPInterface, ...]
+    preempt: bool = True
+    preempt_delay_ms: int = 0
+    accept_mode: bool = False
+    v2_compat: bool = False
+    checksum: ChecksumVariant = ChecksumVariant.PSEUDO_HEADER
+    virtual_mac: bool = False
+    garp_count: int = 3
+    garp_interval_ms: int = 100
+    garp_refresh_ms: int = 0
+    reannounce_on_lower: bool = True
+
+    def families(self) -> list[int]:
+        return sorted({v.version for v in self.vips})
+
+    def vips_of(self, family: int) -> tuple[IPInterface, ...]:
+        return tuple(v for v in self.vips if v.version == family)
+
+
+@dataclass(frozen=True)
+class VlanConfig:
+    name: str
+    interface: str
+    instances: tuple[InstanceConfig, ...]
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    interface: str
+    local: IPAddress
+    peers: tuple[IPAddress, ...]
+    port: int = 3780
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig
+    mode: Mode
+    vlans: tuple[VlanConfig, ...]
+    sync: SyncConfig | None = None
+    source: str = field(default="", compare=False)
+
+
+def virtual_mac(vrid: int, family: int) -> str:
+    """RFC 9568 7.3: 00-00-5E-00-01-{VRID} (IPv4), 00-00-5E-00-02-{VRID} (IPv6)."""
+    return f"00:00:5e:00:0{1 if family == 4 else 2}:{vrid:02x}"
+
+
+def virtual_link_local(vrid: int) -> ipaddress.IPv6Interface:
+    """A link-local address derived (EUI-64) from the IPv6 virtual MAC, used as the first
+    address when the configuration names none (RFC 9568 5.2.9 needs one first)."""
+    return ipaddress.IPv6Interface(f"fe80::200:5eff:fe00:2{vrid:02x}/64")
+
+
+def router_configs(vlan: VlanConfig, inst: InstanceConfig) -> list[RouterConfig]:
+    """One core RouterConfig per address family of the instance (RFC 9568: independent)."""
+    out = []
+    for family in inst.families():
+        vips = inst.vips_of(family)
+        addrs: list[IPAddress] = [v.ip for v in vips]
+        if family == 6:
+            lls = [a for a in addrs if a.is_link_local]
+            rest = [a for a in addrs if not a.is_link_local]
+            addrs = (lls[:1] or [virtual_link_local(inst.vrid).ip]) + lls[1:] + rest
+        out.append(RouterConfig(
+            name=f"{vlan.name}/vrid {inst.vrid}/IPv{family}",
+            vrid=inst.vrid,
+            family=family,
+            version=inst.version,
+            priority=inst.priority,
+            advert_interval_cs=inst.advert_interval_cs,
+            addresses=tuple(addrs),
+            preempt=inst.preempt,
+            preempt_delay=ms_to_s(inst.preempt_delay_ms),
+            accept_mode=inst.accept_mode,
+            accept_v2=inst.v2_compat,
+            checksum=inst.checksum if family == 4 else ChecksumVariant.IPV6,
+            garp_count=inst.garp_count,
+            garp_interval=ms_to_s(inst.garp_interval_ms),
+            garp_refresh=ms_to_s(inst.garp_refresh_ms) if inst.garp_refresh_ms else None,
+            reannounce_on_lower=inst.reannounce_on_lower,
+        ))
+    return out
+
+
+def link_local_vips(vlan: VlanConfig, inst: InstanceConfig) -> tuple[IPInterface, ...]:
+    """The VIPs to install, with the derived link-local added for IPv6 when none is given."""
+    vips = list(inst.vips)
+    if 6 in inst.families() and not any(v.version == 6 and v.ip.is_link_local for v in vips):
+        vips.append(virtual_link_local(inst.vrid))
+    return tuple(vips)
+
+
+# ---------------------------------------------------------------- parsing
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s)\s*$")
+
+
+def parse_duration_ms(value: object) -> int:
+    """'10ms', '1s', '1.5s' (or a bare number of seconds) to whole milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int | float):
+        ms = float(value) * 1000
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        ms = float(m.group(1)) * (1 if m.group(2) == "ms" else 1000)
+    else:
+        raise ValueError
+    if ms != int(ms) or ms < 0:
+        raise ValueError
+    return int(ms)
+
+
+class _Parser:
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+
+    def err(self, path: str, value: object, why: str) -> None:
+        self.errors.append(f"{path}: {value!r} {why}")
+
+    def mapping(self, path: str, value: object, known: set[str]) -> Mapping[str, Any]:
+        if not isinstance(value, Mapping):
+            self.err(path, value, "is not a mapping")
+            return {}
+        for key in value:
+            if key not in known:
+                self.errors.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+        return value
+
+    def get(self, path: str, m: Mapping[str, Any], key: str, conv: Callable[[object], T],
+            why: str, default: T | None = None, required: bool = False) -> T | None:
+        if key not in m:
+            if required:
+                self.errors.append(f"{path}.{key}: is required")
+            return default
+        try:
+            return conv(m[key])
+        except (ValueError, TypeError):
+            self.err(f"{path}.{key}", m[key], why)
+            return default
+
+
+def _int_in(lo: int, hi: int) -> Callable[[object], int]:
+    def conv(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError
+        return v
+    return conv
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError
+    return v
+
+
+def _name(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,15}", v):
+        raise ValueError
+    return v
+
+
+def _label(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", v):
+        raise ValueError
+    return v
+
+
+def _path(v: object) -> str:
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise ValueError
+    return v
+
+
+def _ip(v: object) -> IPAddress:
+    if not isinstance(v, str):
+        raise ValueError
+    return ipaddress.ip_address(v)
+
+
+def _vip(v: object) -> IPInterface:
+    if not isinstance(v, str):
+        raise ValueError
+    if "/" not in v:
+        ipaddress.ip_address(v)  # a bad address says so before the missing prefix does
+        raise ValueError
+    iface = ipaddress.ip_interface(v)
+    return iface
+
+
+def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None:
+    known = {"vrid", "priority", "advert_interval", "version", "preempt", "preempt_delay",
+             "accept_mode", "v2_compat", "checksum", "virtual_mac", "garp", "vips",
+             "reannounce_on_lower"}
+    m = p.mapping(path, raw, known)
+    if not m:
+        return None
+    nerr = len(p.errors)
+    vrid = p.get(path, m, "vrid", _int_in(1, 255), "is not a VRID (1..255)", required=True)
+    prio = p.get(path, m, "priority", _int_in(1, 255), "is not a priority (1..255)", 100)
+    version = p.get(path, m, "version", _int_in(2, 3), "is not a VRRP version (2 or 3)", 3)
+    interval_ms = p.get(path, m, "advert_interval", parse_duration_ms,
+                        "is not a duration (like 10ms or 1s)", 1000)
+    interval_cs = 100
+    if interval_ms is not None and version is not None:
+        if version == 3 and (interval_ms % 10 or not 10 <= interval_ms <= 40950):
+            p.err(f"{path}.advert_interval", m.get("advert_interval"),
+                  "is not 10ms..40.95s in 10 ms steps (VRRPv3)")
+        elif version == 2 and (interval_ms % 1000 or not 1000 <= interval_ms <= 255000):
+            p.err(f"{path}.advert_interval", m.get("advert_interval"),
+                  "is not whole seconds 1s..255s (VRRPv2)")
+        interval_cs = interval_ms // 10
+    vips: list[IPInterface] = []
+    raw_vips = m.get("vips")
+    if not isinstance(raw_vips, list) or not raw_vips:
+        p.err(f"{path}.vips", raw_vips, "is not a non-empty list of address/prefix")
+    else:
+        for i, rv in enumerate(raw_vips):
+            try:
+                vips.append(_vip(rv))
+            except (ValueError, TypeError):
+                why = ("is not an IP address" if not isinstance(rv, str) or "/" in rv
+                       or not _is_ip(rv) else "has no prefix length (like 192.0.2.1/24)")
+                p.err(f"{path}.vips[{i}]", rv, why)
+        seen: set[IPAddress] = set()
+        for i, v in enumerate(vips):
+            if v.ip in seen:
+                p.err(f"{path}.vips[{i}]", str(v), "is listed twice")
+            seen.add(v.ip)
+        if version == 2 and any(v.version == 6 for v in vips):
+            p.err(f"{path}.vips", [str(v) for v in vips if v.version == 6],
+                  "are IPv6: VRRPv2 is IPv4 only (use version: 3)")
+        for fam in (4, 6):
+            if sum(1 for v in vips if v.version == fam) > 255:
+                p.err(f"{path}.vips", f"IPv{fam}", "has more than 255 addresses")
+    checksum = p.get(path, m, "checksum", lambda v: ChecksumVariant(v) if v in (
+        "rfc9568", "pseudo-header") else _raise(), "is not rfc9568 or pseudo-header",
+        ChecksumVariant.PSEUDO_HEADER)
+    garp = p.mapping(f"{path}.garp", m.get("garp", {}), {"count", "interval", "refresh"})
+    inst = InstanceConfig(
+        vrid=vrid or 1,
+        priority=prio or 100,
+        advert_interval_cs=interval_cs,
+        version=version or 3,
+        vips=tuple(vips),
+        preempt=p.get(path, m, "preempt", _bool, "is not true or false", True) is not False,
+        preempt_delay_ms=p.get(path, m, "preempt_delay", parse_duration_ms,
+                               "is not a duration", 0) or 0,
+        accept_mode=p.get(path, m, "accept_mode", _bool, "is not true or false", False) is True,
+        v2_compat=p.get(path, m, "v2_compat", _bool, "is not true or false", False) is True,
+        checksum=checksum or ChecksumVariant.PSEUDO_HEADER,
+        virtual_mac=p.get(path, m, "virtual_mac", _bool, "is not true or false", False) is True,
+        garp_count=p.get(f"{path}.garp", garp, "count", _int_in(0, 100),
+                         "is not a count (0..100)", 3) or 0,
+        garp_interval_ms=p.get(f"{path}.garp", garp, "interval", parse_duration_ms,
+                               "is not a duration", 100) or 0,
+        garp_refresh_ms=p.get(f"{path}.garp", garp, "refresh", parse_duration_ms,
+                              "is not a duration", 0) or 0,
+        reannounce_on_lower=p.get(path, m, "reannounce_on_lower", _bool,
+                                  "is not true or false", True) is not False,
+    )
+    if inst.v2_compat and inst.version != 3:
+        p.err(f"{path}.v2_compat", True, "only applies to version 3 instances")
+    return inst if len(p.errors) == nerr else None
+
+
+def _is_ip(v: str) -> bool:
+    try:
+        ipaddress.ip_address(v)
+        return True
+    except ValueError:
+        return False
+
+
+def _raise() -> Any:
+    raise ValueError
+
+
+def parse(data: object, source: str = "") -> Config:
+    """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
+    p = _Parser()
+    top = p.mapping("(top)", data, {"node", "mode", "vlans", "sync"})
+    node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
+                                                        "control_socket_mode"})
+    node = NodeConfig(
+        name=p.get("node", node_raw, "name", _label, "is not a node name", "vipd",
+                   required=True) or "vipd",
+        control_socket=p.get("node", node_raw, "control_socket", _path,
+                             "is not an absolute path", DEFAULT_CONTROL_SOCKET)
+        or DEFAULT_CONTROL_SOCKET,
+        control_socket_mode=p.get("node", node_raw, "control_socket_mode", _int_in(0, 0o777),
+                                  "is not a file mode", 0o600) or 0o600,
+    )
+    mode = p.get("(top)", top, "mode", lambda v: Mode(v),
+                 "is not single-active, per-vlan-active or all-active", Mode.SINGLE_ACTIVE)
+    vlans: list[VlanConfig] = []
+    raw_vlans = top.get("vlans")
+    if not isinstance(raw_vlans, list) or not raw_vlans:
+        p.err("vlans", raw_vlans, "is not a non-empty list")
+        raw_vlans = []
+    for i, rv in enumerate(raw_vlans):
+        path = f"vlans[{i}]"
+        m = p.mapping(path, rv, {"name", "interface", "instances"})
+        if not m:
+            continue
+        name = p.get(path, m, "name", _label, "is not a VLAN name", required=True)
+        ifname = p.get(path, m, "interface", _name, "is not an interface name", required=True)
+        insts: list[InstanceConfig] = []
+        raw_insts = m.get("instances")
+        if not isinstance(raw_insts, list) or not raw_insts:
+            p.err(f"{path}.instances", raw_insts, "is not a non-empty list")
+            raw_insts = []
+        seen: dict[tuple[int, int], int] = {}
+        for j, ri in enumerate(raw_insts):
+            inst = _parse_instance(p, f"{path}.instances[{j}]", ri)
+            if inst is None:
+                continue
+            for fam in inst.families():
+                if (inst.vrid, fam) in seen:
+                    p.err(f"{path}.instances[{j}].vrid", inst.vrid,
+                          f"is already used for IPv{fam} by instances[{seen[inst.vrid, fam]}]")
+                seen[inst.vrid, fam] = j
+            insts.append(inst)
+        if name and ifname:
+            vlans.append(VlanConfig(name, ifname, tuple(insts)))
+    for attr in ("name", "interface"):
+        values = [getattr(v, attr) for v in vlans]
+        for i, v in enumerate(values):
+            if v in values[:i]:
+                p.err(f"vlans[{i}].{attr}", v, "is used by another VLAN")
+    sync = None
+    if "sync" in top:
+        sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port"})
+        s_if = p.get("sync", sm, "interface", _name, "is not an interface name", required=True)
+        s_local = p.get("sync", sm, "local", _ip, "is not an IP address", required=True)
+        peers: list[IPAddress] = []
+        raw_peers = sm.get("peers")
+        if not isinstance(raw_peers, list) or not raw_peers:
+            p.err("sync.peers", raw_peers, "is not a non-empty list of addresses")
+            raw_peers = []
+        for i, rp in enumerate(raw_peers):
+            try:
+                peers.append(_ip(rp))
+            except (ValueError, TypeError):
+                p.err(f"sync.peers[{i}]", rp, "is not an IP address")
+        port = p.get("sync", sm, "port", _int_in(1, 65535), "is not a UDP port", 3780) or 3780
+        if s_if and s_local:
+            sync = SyncConfig(s_if, s_local, tuple(peers), port)
+    if p.errors:
+        raise ConfigError(p.errors)
+    return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source)
+
+
+def loads(text: str, source: str = "<string>") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from exc
+    return parse(data, source)
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: {exc.strerror}"]) from exc
+    return loads(text, str(path))

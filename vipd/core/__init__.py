@@ -1,0 +1,1 @@
+"""Pure protocol cores: no sockets, no clocks, no asyncio (see ../shared/design.md)."""

@@ -1,0 +1,296 @@
+"""VRRP wire codec: VRRPv3 (RFC 9568 / RFC 5798) for IPv4 and IPv6, VRRPv2 (RFC 3768).
+
+Pure and struct-based. `encode_*` builds the VRRP payload (what follows the IP header);
+`decode` checks one thing at a time and rejects with exactly one `DropReason`. Nothing but
+`DecodeError` ever leaves `decode`, whatever the bytes. Checks that need the configuration
+(unknown VRID, address list, v2 interval) live in `check_against`, which is separate so the
+receive path can count every reason the same way.
+
+IPv4 VRRPv3 checksums come in two variants, both seen on real networks:
+  * RFC 9568 5.2.8: over the VRRP message only (Cisco, Juniper, Arista);
+  * RFC 5798 as read by keepalived and FRR: with the IPv4 pseudo-header.
+The decoder accepts either and reports which one matched. IPv6 always uses the pseudo-header.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+IPPROTO_VRRP = 112
+VRRP_TTL = 255
+VRRP_GROUP_V4 = ipaddress.IPv4Address("224.0.0.18")
+VRRP_GROUP_V6 = ipaddress.IPv6Address("ff02::12")
+
+TYPE_ADVERTISEMENT = 1
+V2_AUTH_DATA_LEN = 8
+MAX_ADVER_INT_CS = 0x0FFF  # 12 bits, centiseconds (RFC 9568 5.2.7)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_HDR = struct.Struct("!BBBBHH")  # ver/type, vrid, prio, count, (rsvd/maxadv | auth/adv), cksum
+
+
+class DropReason(enum.Enum):
+    """Why a received packet was not handed to a state machine (one counter each)."""
+
+    TTL = "ttl"  # TTL / hop limit != 255
+    VERSION = "version"
+    TYPE = "type"
+    LENGTH = "length"
+    COUNT = "count"  # count 0, or count not matching the packet length
+    INTERVAL_ZERO = "interval_zero"  # Max Adver Int / Adver Int of 0
+    CHECKSUM = "checksum"
+    UNKNOWN_VRID = "unknown_vrid"
+    IPV6_NOT_LINK_LOCAL = "ipv6_not_link_local"
+    ADDRESS_MISMATCH = "address_mismatch"
+    V2_INTERVAL_MISMATCH = "v2_interval_mismatch"
+    OWN_PACKET = "own_packet"  # looped back copy of our own advert
+
+
+class ChecksumVariant(enum.Enum):
+    """How an IPv4 VRRPv3 checksum was (or is to be) computed."""
+
+    RFC9568 = "rfc9568"  # VRRP message only
+    PSEUDO_HEADER = "pseudo-header"  # with the IPv4 pseudo-header (keepalived, FRR)
+    V2 = "v2"  # VRRPv2: VRRP message only
+    IPV6 = "ipv6"  # IPv6: pseudo-header is mandatory
+
+
+class AuthType(enum.IntEnum):
+    """VRRPv2 Auth Type (RFC 3768 5.3.6). Reported, never trusted."""
+
+    NONE = 0
+    SIMPLE_TEXT = 1
+    IP_AH = 2
+
+
+class DecodeError(Exception):
+    """A packet was rejected; `reason` says which single check failed."""
+
+    def __init__(self, reason: DropReason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class IpMeta:
+    """What the IP layer told us about a received VRRP payload."""
+
+    family: int  # 4 or 6
+    src: IPAddress
+    dst: IPAddress
+    ttl: int  # TTL (IPv4) or hop limit (IPv6)
+
+
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """A decoded VRRP advertisement (v2 or v3)."""
+
+    version: int
+    family: int
+    vrid: int
+    priority: int
+    src: IPAddress
+    addresses: tuple[IPAddress, ...]
+    # v3: Max Adver Int in centiseconds. v2: Adver Int in seconds, kept in its own field so
+    # nobody mixes units; `interval_cs` gives both in centiseconds.
+    max_adver_int_cs: int = 0
+    adver_int_s: int = 0
+    checksum_variant: ChecksumVariant = ChecksumVariant.RFC9568
+    auth_type: int = 0
+    auth_data: bytes = b""
+
+    @property
+    def interval_cs(self) -> int:
+        return self.max_adver_int_cs if self.version == 3 else self.adver_int_s * 100
+
+
+# ---------------------------------------------------------------- checksum helpers
+
+
+def internet_checksum(data: bytes) -> int:
+    """RFC 1071 one's complement sum, complemented."""
+    if len(data) % 2:
+        data += b"\x00"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total > 0xFFFF:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _pseudo_header(src: IPAddress, dst: IPAddress, length: int) -> bytes:
+    if src.version == 4:
+        return src.packed + dst.packed + struct.pack("!BBH", 0, IPPROTO_VRRP, length)
+    # RFC 8200 8.1: upper-layer packet length (32 bits), 3 zero bytes, next header
+    return src.packed + dst.packed + struct.pack("!I3xB", length, IPPROTO_VRRP)
+
+
+def vrrp_checksum(
+    payload_zeroed: bytes, variant: ChecksumVariant, src: IPAddress, dst: IPAddress
+) -> int:
+    """Checksum of a VRRP payload whose checksum field is zero."""
+    if variant in (ChecksumVariant.PSEUDO_HEADER, ChecksumVariant.IPV6):
+        return internet_checksum(_pseudo_header(src, dst, len(payload_zeroed)) + payload_zeroed)
+    return internet_checksum(payload_zeroed)
+
+
+# ---------------------------------------------------------------- encode
+
+
+def encode_v3(
+    *,
+    vrid: int,
+    priority: int,
+    max_adver_int_cs: int,
+    addresses: Sequence[IPAddress],
+    src: IPAddress,
+    dst: IPAddress | None = None,
+    variant: ChecksumVariant = ChecksumVariant.PSEUDO_HEADER,
+) -> bytes:
+    """Build a VRRPv3 advertisement payload. `variant` matters for IPv4 only."""
+    family = src.version
+    if dst is None:
+        dst = VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6
+    if family == 6:
+        variant = ChecksumVariant.IPV6
+    elif variant not in (ChecksumVariant.RFC9568, ChecksumVariant.PSEUDO_HEADER):
+        raise ValueError(f"checksum variant {variant} is not an IPv4 VRRPv3 variant")
+    if not 1 <= vrid <= 255 or not 0 <= priority <= 255:
+        raise ValueError("vrid must be 1..255 and priority 0..255")
+    if not 1 <= max_adver_int_cs <= MAX_ADVER_INT_CS:
+        raise ValueError(f"max_adver_int_cs {max_adver_int_cs} outside 1..{MAX_ADVER_INT_CS}")
+    if not 1 <= len(addresses) <= 255 or any(a.version != family for a in addresses):
+        raise ValueError("1..255 addresses of the source's family are needed")
+    body = b"".join(a.packed for a in addresses)
+    head = _HDR.pack(0x30 | TYPE_ADVERTISEMENT, vrid, priority, len(addresses),
+                     max_adver_int_cs & 0x0FFF, 0)
+    zeroed = head + body
+    cks = vrrp_checksum(zeroed, variant, src, dst)
+    return zeroed[:6] + struct.pack("!H", cks) + body
+
+
+def encode_v2(
+    *,
+    vrid: int,
+    priority: int,
+    adver_int_s: int,
+    addresses: Sequence[ipaddress.IPv4Address],
+    auth_type: int = AuthType.NONE,
+    auth_data: bytes = b"",
+) -> bytes:
+    """Build a VRRPv2 advertisement payload (RFC 3768 5.1)."""
+    if not 1 <= vrid <= 255 or not 0 <= priority <= 255 or not 1 <= adver_int_s <= 255:
+        raise ValueError("vrid 1..255, priority 0..255 and adver_int_s 1..255 are needed")
+    if not 1 <= len(addresses) <= 255 or any(a.version != 4 for a in addresses):
+        raise ValueError("1..255 IPv4 addresses are needed")
+    auth = auth_data[:V2_AUTH_DATA_LEN].ljust(V2_AUTH_DATA_LEN, b"\x00")
+    body = b"".join(a.packed for a in addresses) + auth
+    head = _HDR.pack(0x20 | TYPE_ADVERTISEMENT, vrid, priority, len(addresses),
+                     (auth_type << 8) | adver_int_s, 0)
+    cks = internet_checksum(head + body)
+    return head[:6] + struct.pack("!H", cks) + body
+
+
+# ---------------------------------------------------------------- decode
+
+
+def decode(payload: bytes, meta: IpMeta) -> Advert:
+    """Decode and check one VRRP payload. Raises only DecodeError."""
+    try:
+        return _decode(payload, meta)
+    except DecodeError:
+        raise
+    except Exception as exc:  # defensive: a codec bug must not kill the receive path
+        raise DecodeError(DropReason.LENGTH, f"undecodable: {exc!r}") from exc
+
+
+def _decode(payload: bytes, meta: IpMeta) -> Advert:
+    if meta.ttl != VRRP_TTL:
+        raise DecodeError(DropReason.TTL, f"ttl {meta.ttl}")
+    if len(payload) < _HDR.size:
+        raise DecodeError(DropReason.LENGTH, f"{len(payload)} bytes")
+    vt, vrid, priority, count, word, cks = _HDR.unpack_from(payload)
+    version, ptype = vt >> 4, vt & 0x0F
+    if version not in (2, 3) or (version == 2 and meta.family != 4):
+        raise DecodeError(DropReason.VERSION, f"version {version} over IPv{meta.family}")
+    if ptype != TYPE_ADVERTISEMENT:
+        raise DecodeError(DropReason.TYPE, f"type {ptype}")
+    alen = 4 if meta.family == 4 else 16
+    tail = V2_AUTH_DATA_LEN if version == 2 else 0
+    body_len = len(payload) - _HDR.size - tail
+    if body_len < 0 or body_len % alen:
+        raise DecodeError(DropReason.LENGTH, f"{len(payload)} bytes")
+    if count == 0 or count * alen != body_len:
+        raise DecodeError(DropReason.COUNT, f"count {count} for {body_len // alen} addresses")
+    interval = word & 0x0FFF if version == 3 else word & 0xFF
+    if interval == 0:
+        raise DecodeError(DropReason.INTERVAL_ZERO)
+    zeroed = payload[:6] + b"\x00\x00" + payload[8:]
+    variant = _check_checksum(version, meta, zeroed, cks)
+    addrs: list[IPAddress] = []
+    for i in range(count):
+        raw = payload[_HDR.size + i * alen:_HDR.size + (i + 1) * alen]
+        addrs.append(ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw))
+    if meta.family == 6 and not addrs[0].is_link_local:
+        # RFC 9568 5.2.9: the first IPv6 address must be the link-local one
+        raise DecodeError(DropReason.IPV6_NOT_LINK_LOCAL, str(addrs[0]))
+    if version == 3:
+        return Advert(3, meta.family, vrid, priority, meta.src, tuple(addrs),
+                      max_adver_int_cs=interval, checksum_variant=variant)
+    auth = payload[len(payload) - V2_AUTH_DATA_LEN:]
+    return Advert(2, 4, vrid, priority, meta.src, tuple(addrs), adver_int_s=interval,
+                  checksum_variant=variant, auth_type=word >> 8, auth_data=auth)
+
+
+def _check_checksum(version: int, meta: IpMeta, zeroed: bytes, cks: int) -> ChecksumVariant:
+    candidates: tuple[ChecksumVariant, ...]
+    if version == 2:
+        candidates = (ChecksumVariant.V2,)
+    elif meta.family == 6:
+        candidates = (ChecksumVariant.IPV6,)
+    else:
+        candidates = (ChecksumVariant.RFC9568, ChecksumVariant.PSEUDO_HEADER)
+    for variant in candidates:
+        if vrrp_checksum(zeroed, variant, meta.src, meta.dst) == cks:
+            return variant
+    raise DecodeError(DropReason.CHECKSUM, f"0x{cks:04x}")
+
+
+# ---------------------------------------------------------------- checks against config
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiverView:
+    """What the receive path knows about one local virtual router, for `check_against`."""
+
+    vrid: int
+    version: int
+    addresses: frozenset[IPAddress]
+    adver_int_cs: int
+    accept_v2: bool = False  # a v3 router in RFC 5798 8.4 VRRPv2 compatibility
+
+
+def check_against(advert: Advert, view: ReceiverView | None) -> None:
+    """Checks that need the local configuration. Raises DecodeError with one reason."""
+    if view is None:
+        raise DecodeError(DropReason.UNKNOWN_VRID, f"vrid {advert.vrid}")
+    if advert.version != view.version and not (advert.version == 2 and view.accept_v2):
+        raise DecodeError(DropReason.VERSION, f"v{advert.version} for a v{view.version} router")
+    if advert.version == 2 and advert.adver_int_s * 100 != view.adver_int_cs:
+        # RFC 3768 7.1: the Adver Interval must match the locally configured one
+        raise DecodeError(DropReason.V2_INTERVAL_MISMATCH,
+                          f"{advert.adver_int_s}s, ours {view.adver_int_cs / 100:g}s")
+    if advert.priority != 255 and frozenset(advert.addresses) != view.addresses:
+        # RFC 9568 7.1 MAY check; a mismatch is a configuration error worth a counter.
+        # An address owner (255) is exempt: RFC 3768 7.1 lets it through.
+        raise DecodeError(DropReason.ADDRESS_MISMATCH,
+                          ",".join(str(a) for a in sorted_addresses(advert.addresses)))
+
+
+def sorted_addresses(addresses: Iterable[IPAddress]) -> list[IPAddress]:
+    return sorted(addresses, key=lambda a: (a.version, a.packed))

@@ -1,0 +1,429 @@
+"""One VRRP virtual router (one VRID, one address family): the RFC 9568 section 6 machine.
+
+Pure: no sockets, no clock. Every entry point takes `now` (monotonic seconds as a Fraction),
+returns the actions to carry out, and `get_timer()` answers the next deadline. The driver
+calls `handle_timer(now)` when that deadline passes. Timers are exact Fractions.
+
+States are INIT (RFC "Initialize"), BACKUP, MASTER (RFC 9568 "Active") and FAULT (interface
+down, or repeated I/O failures while master). Every change goes through `_transition`.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from fractions import Fraction
+
+from vipd.core.actions import (
+    Action,
+    AddVips,
+    Announce,
+    RemoveVips,
+    SendAdvert,
+    Transitioned,
+)
+from vipd.core.packet import Advert, ChecksumVariant, IPAddress
+from vipd.core.timing import Seconds, cs_to_s, master_down_interval, skew_time
+
+log = logging.getLogger("vipd.vrrp")
+
+OWNER_PRIORITY = 255
+
+
+class State(enum.Enum):
+    INIT = "INIT"
+    BACKUP = "BACKUP"
+    MASTER = "MASTER"
+    FAULT = "FAULT"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.INIT: frozenset({State.BACKUP, State.MASTER, State.FAULT}),
+    State.BACKUP: frozenset({State.MASTER, State.INIT, State.FAULT}),
+    State.MASTER: frozenset({State.BACKUP, State.INIT, State.FAULT}),
+    State.FAULT: frozenset({State.INIT}),
+}
+
+
+class TransitionError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class RouterConfig:
+    """Everything one virtual router needs; built by vipd.config, never mutated."""
+
+    name: str  # "lan-a/vrid 51/IPv4", used in logs and status
+    vrid: int
+    family: int
+    version: int
+    priority: int
+    advert_interval_cs: int
+    addresses: tuple[IPAddress, ...]  # on the wire, in order (IPv6: link-local first)
+    preempt: bool = True
+    preempt_delay: Seconds = Fraction(0)
+    accept_mode: bool = False
+    accept_v2: bool = False
+    checksum: ChecksumVariant = ChecksumVariant.PSEUDO_HEADER
+    garp_count: int = 3
+    garp_interval: Seconds = Fraction(1, 10)
+    garp_refresh: Seconds | None = None
+    reannounce_on_lower: bool = True
+    max_io_failures: int = 3
+
+
+@dataclass(slots=True)
+class PeerInfo:
+    """What we last heard from one sender on this virtual router."""
+
+    priority: int
+    version: int
+    interval_cs: int
+    checksum: ChecksumVariant
+    last_heard: Seconds
+    adverts: int = 0
+
+
+@dataclass(slots=True)
+class LastTransition:
+    old: State
+    new: State
+    cause: str
+    at: Seconds
+
+
+@dataclass(slots=True)
+class Counters:
+    adverts_sent: int = 0
+    adverts_received: int = 0
+    priority_zero_sent: int = 0
+    priority_zero_received: int = 0
+    became_master: int = 0
+    transitions: int = 0
+    io_failures: int = 0
+    dual_master_episodes: int = 0
+
+
+@dataclass(slots=True)
+class _Timers:
+    adver: Seconds | None = None
+    master_down: Seconds | None = None
+    announce: Seconds | None = None
+    fault_retry: Seconds | None = None
+
+    def clear(self) -> None:
+        self.adver = self.master_down = self.announce = self.fault_retry = None
+
+    def earliest(self) -> Seconds | None:
+        armed = [t for t in (self.adver, self.master_down, self.announce, self.fault_retry)
+                 if t is not None]
+        return min(armed) if armed else None
+
+
+class VirtualRouter:
+    """RFC 9568 section 6 state machine for one (interface, VRID, family)."""
+
+    def __init__(self, config: RouterConfig, primary_address: IPAddress | None = None) -> None:
+        self.config = config
+        self.primary_address = primary_address
+        self.state = State.INIT
+        self.master_adver_interval_cs = config.advert_interval_cs
+        self.master_address: IPAddress | None = None
+        self.master_priority: int | None = None
+        self.master_heard_at: Seconds | None = None
+        self.peers: dict[IPAddress, PeerInfo] = {}
+        self.counters = Counters()
+        self.last_transition: LastTransition | None = None
+        self.maintenance = False
+        self.link_up = True
+        self.last_conflict_at: Seconds | None = None
+        self._timers = _Timers()
+        self._backup_since: Seconds | None = None
+        self._io_failures_in_row = 0
+        self._announce_round = 0
+
+    # ------------------------------------------------------------ derived values
+
+    @property
+    def priority(self) -> int:
+        """Effective priority: what we advertise and compare with."""
+        return 0 if self.maintenance else self.config.priority
+
+    @property
+    def skew_time(self) -> Seconds:
+        return skew_time(self.config.version, self.priority, self.master_adver_interval_cs)
+
+    @property
+    def master_down_interval(self) -> Seconds:
+        return master_down_interval(
+            self.config.version, self.priority, self.master_adver_interval_cs
+        )
+
+    @property
+    def advertisement_interval(self) -> Seconds:
+        return cs_to_s(self.config.advert_interval_cs)
+
+    def get_timer(self) -> Seconds | None:
+        return self._timers.earliest()
+
+    @property
+    def master_down_timer(self) -> Seconds | None:
+        return self._timers.master_down
+
+    @property
+    def adver_timer(self) -> Seconds | None:
+        return self._timers.adver
+
+    def dual_master_recent(self, now: Seconds) -> bool:
+        """Another master was heard while we were master within the last 3 intervals."""
+        if self.last_conflict_at is None:
+            return False
+        return now - self.last_conflict_at <= 3 * self.master_down_interval
+
+    # ------------------------------------------------------------ events
+
+    def start(self, now: Seconds, cause: str = "startup") -> list[Action]:
+        """RFC 9568 6.4.1: the Startup event."""
+        acts: list[Action] = []
+        if self.state is State.FAULT:
+            self._transition(now, State.INIT, cause, acts)
+        if self.state is not State.INIT:
+            return acts
+        if not self.link_up:
+            self._transition(now, State.FAULT, "interface down", acts)
+            return acts
+        if self.priority == OWNER_PRIORITY:
+            self._become_master(now, "address owner", acts)
+            return acts
+        self.master_adver_interval_cs = self.config.advert_interval_cs
+        self._enter_backup(now, cause, acts)
+        return acts
+
+    def shutdown(self, now: Seconds, cause: str = "shutdown") -> list[Action]:
+        """RFC 9568 6.4.2/6.4.3: the Shutdown event. A master sends priority 0."""
+        acts: list[Action] = []
+        if self.state is State.MASTER:
+            self._send(acts, priority=0)
+            acts.append(RemoveVips())
+        if self.state in (State.MASTER, State.BACKUP):
+            self._transition(now, State.INIT, cause, acts)
+        self._timers.clear()
+        return acts
+
+    def handle_timer(self, now: Seconds) -> list[Action]:
+        acts: list[Action] = []
+        t = self._timers
+        if t.fault_retry is not None and now >= t.fault_retry:
+            t.fault_retry = None
+            self._io_failures_in_row = 0
+            acts += self.start(now, "fault retry")
+        if t.master_down is not None and now >= t.master_down and self.state is State.BACKUP:
+            t.master_down = None
+            self._become_master(now, "master_down_timer", acts)
+        if t.adver is not None and now >= t.adver and self.state is State.MASTER:
+            self._send(acts, self.priority)
+            t.adver = now + self.advertisement_interval
+        if t.announce is not None and now >= t.announce and self.state is State.MASTER:
+            self._announce(now, acts)
+        return acts
+
+    def receive(self, now: Seconds, adv: Advert) -> list[Action]:
+        """An advertisement that passed decode and check_against (RFC 9568 6.4.2, 6.4.3)."""
+        acts: list[Action] = []
+        self.counters.adverts_received += 1
+        self._note_peer(now, adv)
+        if adv.priority == 0:
+            self.counters.priority_zero_received += 1
+        if self.state is State.BACKUP:
+            self._backup_receive(now, adv)
+        elif self.state is State.MASTER:
+            self._master_receive(now, adv, acts)
+        return acts
+
+    def set_link(self, now: Seconds, up: bool) -> list[Action]:
+        """Interface carrier/admin state from netlink."""
+        acts: list[Action] = []
+        if up == self.link_up:
+            return acts
+        self.link_up = up
+        if not up:
+            if self.state is State.MASTER:
+                acts.append(RemoveVips())
+            if self.state is not State.FAULT:
+                self._timers.clear()
+                self._transition(now, State.FAULT, "interface down", acts)
+            return acts
+        if self.state is State.FAULT:
+            self._timers.clear()
+            acts += self.start(now, "interface up")
+        return acts
+
+    def report_io(self, now: Seconds, ok: bool, what: str = "send") -> list[Action]:
+        """Feedback from the adapters: a failed send or VIP install. Repeated failures while
+        master give up mastership (as carp demotes itself on send errors)."""
+        acts: list[Action] = []
+        if ok:
+            self._io_failures_in_row = 0
+            return acts
+        self.counters.io_failures += 1
+        self._io_failures_in_row += 1
+        if self.state is State.MASTER and self._io_failures_in_row >= self.config.max_io_failures:
+            acts.append(RemoveVips())
+            self._timers.clear()
+            self._transition(now, State.FAULT, f"{self._io_failures_in_row} {what} failures",
+                             acts)
+            self._timers.fault_retry = now + self.master_down_interval
+        return acts
+
+    def set_maintenance(self, now: Seconds, on: bool) -> list[Action]:
+        """Drain (priority 0, VIPs handed over) or return to the election."""
+        acts: list[Action] = []
+        if on == self.maintenance:
+            return acts
+        if on:
+            if self.state is State.MASTER:
+                self._send(acts, priority=0)
+                acts.append(RemoveVips())
+            self.maintenance = True
+            if self.state in (State.MASTER, State.BACKUP):
+                self._transition(now, State.INIT, "maintenance on", acts)
+                self._timers.clear()
+                self._enter_backup(now, "maintenance on", acts)
+                self._timers.master_down = None  # a drained node never takes over
+            return acts
+        self.maintenance = False
+        if self.state is State.BACKUP:
+            self._transition(now, State.INIT, "maintenance off", acts)
+            self._timers.clear()
+            acts += self.start(now, "maintenance off")
+        return acts
+
+    # ------------------------------------------------------------ internals
+
+    def _backup_receive(self, now: Seconds, adv: Advert) -> None:
+        if self.maintenance:
+            self._learn_master(now, adv)
+            return
+        if adv.priority == 0:
+            # RFC 9568 6.4.2: the master is leaving; wait Skew_Time only.
+            self._timers.master_down = now + self.skew_time
+            return
+        holding = (self.config.preempt_delay > 0 and self._backup_since is not None
+                   and now < self._backup_since + self.config.preempt_delay)
+        if not self.config.preempt or adv.priority >= self.priority or holding:
+            self._learn_master(now, adv)
+            self._timers.master_down = now + self.master_down_interval
+        # else: preempt on and a lower priority master: discard (its Master_Down_Timer runs)
+
+    def _master_receive(self, now: Seconds, adv: Advert, acts: list[Action]) -> None:
+        if adv.priority == 0:
+            # RFC 9568 6.4.3: another router released; re-assert at once.
+            self._send(acts, self.priority)
+            self._timers.adver = now + self.advertisement_interval
+            return
+        if self._sender_wins(adv):
+            self._learn_master(now, adv)
+            acts.append(RemoveVips())
+            self._timers.adver = self._timers.announce = None
+            self._enter_backup(now, f"higher priority master {adv.src} ({adv.priority})", acts)
+            return
+        # RFC 9568 6.4.3: a lower priority (or losing tie) advert: send one at once so the
+        # sender steps down and learning bridges see the right port. After a dual-master
+        # episode, re-announce the VIPs so hosts that followed the other master come back.
+        fresh = (self.last_conflict_at is None
+                 or now - self.last_conflict_at > self.master_down_interval)
+        self.last_conflict_at = now
+        self._send(acts, self.priority)
+        self._timers.adver = now + self.advertisement_interval
+        if fresh:
+            self.counters.dual_master_episodes += 1
+            log.info("%s: lower priority master %s (%d) heard while MASTER", self.config.name,
+                     adv.src, adv.priority)
+            if self.config.reannounce_on_lower:
+                self._announce_round = 0
+                self._announce(now, acts)
+
+    def _sender_wins(self, adv: Advert) -> bool:
+        if adv.priority != self.priority:
+            return adv.priority > self.priority
+        # RFC 9568 6.4.3: equal priority, compare primary addresses as unsigned integers
+        if self.primary_address is None:
+            return False
+        return adv.src.packed > self.primary_address.packed
+
+    def _learn_master(self, now: Seconds, adv: Advert) -> None:
+        self.master_address = adv.src
+        self.master_priority = adv.priority
+        self.master_heard_at = now
+        if self.config.version == 3:
+            # RFC 9568 6.4.2: Master_Adver_Interval from the advert (v2 was checked equal)
+            self.master_adver_interval_cs = adv.interval_cs
+
+    def _note_peer(self, now: Seconds, adv: Advert) -> None:
+        peer = self.peers.get(adv.src)
+        if peer is None:
+            peer = self.peers[adv.src] = PeerInfo(adv.priority, adv.version, adv.interval_cs,
+                                                  adv.checksum_variant, now)
+        peer.priority, peer.version = adv.priority, adv.version
+        peer.interval_cs, peer.checksum, peer.last_heard = (adv.interval_cs,
+                                                             adv.checksum_variant, now)
+        peer.adverts += 1
+        if self.state is State.BACKUP and adv.priority > 0:
+            self._note_backup_conflict(now, adv)
+
+    def _note_backup_conflict(self, now: Seconds, adv: Advert) -> None:
+        # Two different senders advertising within one Master_Down_Interval: two masters.
+        for src, p in self.peers.items():
+            if (src != adv.src and p.priority > 0
+                    and now - p.last_heard < self.master_down_interval):
+                if (self.last_conflict_at is None
+                        or now - self.last_conflict_at > self.master_down_interval):
+                    self.counters.dual_master_episodes += 1
+                self.last_conflict_at = now
+                return
+
+    def _enter_backup(self, now: Seconds, cause: str, acts: list[Action]) -> None:
+        self._transition(now, State.BACKUP, cause, acts)
+        self._backup_since = now
+        self._timers.master_down = now + self.master_down_interval
+
+    def _become_master(self, now: Seconds, cause: str, acts: list[Action]) -> None:
+        self._timers.master_down = None
+        self.master_address = self.primary_address
+        self.master_priority = self.priority
+        self.master_heard_at = now
+        self.master_adver_interval_cs = self.config.advert_interval_cs
+        self._transition(now, State.MASTER, cause, acts)
+        self.counters.became_master += 1
+        acts.append(AddVips(accept_mode=self.config.accept_mode))
+        self._send(acts, self.priority)
+        self._timers.adver = now + self.advertisement_interval
+        self._announce_round = 0
+        self._announce(now, acts)
+
+    def _announce(self, now: Seconds, acts: list[Action]) -> None:
+        self._announce_round += 1
+        acts.append(Announce(round=self._announce_round))
+        if self._announce_round < self.config.garp_count:
+            self._timers.announce = now + self.config.garp_interval
+        elif self.config.garp_refresh is not None:
+            self._timers.announce = now + self.config.garp_refresh
+        else:
+            self._timers.announce = None
+
+    def _send(self, acts: list[Action], priority: int) -> None:
+        self.counters.adverts_sent += 1
+        if priority == 0:
+            self.counters.priority_zero_sent += 1
+        acts.append(SendAdvert(priority=priority, interval_cs=self.config.advert_interval_cs))
+
+    def _transition(self, now: Seconds, new: State, cause: str, acts: list[Action]) -> None:
+        old = self.state
+        if new not in _ALLOWED[old]:
+            raise TransitionError(f"{self.config.name}: {old.value} -> {new.value} ({cause})")
+        self.state = new
+        self.counters.transitions += 1
+        self.last_transition = LastTransition(old, new, cause, now)
+        log.info("%s: %s -> %s (%s)", self.config.name, old.value, new.value, cause)
+        acts.append(Transitioned(old.value, new.value, cause, self.master_address))

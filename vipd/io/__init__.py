@@ -1,0 +1,1 @@
+"""Thin I/O adapters: one module per kernel touchpoint, each with an in-memory fake."""
