@@ -1,0 +1,217 @@
+"""One virtual router in virtual time: exact timers, exact actions (RFC 9568 section 6)."""
+
+from __future__ import annotations
+
+from fractions import Fraction as F
+from ipaddress import IPv4Address
+
+import pytest
+
+from sim import VIP, make_config
+from vipd.core.actions import AddVips, Announce, RemoveVips, SendAdvert, Transitioned
+from vipd.core.packet import Advert, ChecksumVariant
+from vipd.core.router import State, VirtualRouter
+from vipd.core.timing import master_down_interval, skew_time
+
+ME = IPv4Address("192.0.2.10")
+PEER = IPv4Address("192.0.2.20")
+
+
+def advert(priority: int, interval_cs: int = 100, src: IPv4Address = PEER) -> Advert:
+    return Advert(3, 4, 51, priority, src, (VIP,), max_adver_int_cs=interval_cs,
+                  checksum_variant=ChecksumVariant.PSEUDO_HEADER)
+
+
+# Master_Down_Interval = 3 * I + (256 - p) * I / 256, worked by hand for each case.
+MDI_CASES = [
+    (1, 1, "0.0399609375"), (100, 1, "0.03609375"), (254, 1, "0.030078125"),
+    (1, 10, "0.399609375"), (100, 10, "0.3609375"), (254, 10, "0.30078125"),
+    (1, 100, "3.99609375"), (100, 100, "3.609375"), (254, 100, "3.0078125"),
+]
+
+
+@pytest.mark.parametrize(("priority", "interval_cs", "expected"), MDI_CASES)
+def test_master_down_interval_exact(priority: int, interval_cs: int, expected: str) -> None:
+    assert master_down_interval(3, priority, interval_cs) == F(expected)
+    r = VirtualRouter(make_config(priority, interval_cs=interval_cs), ME)
+    r.start(F(0))
+    assert r.state is State.BACKUP
+    assert r.get_timer() == F(expected)
+
+
+@pytest.mark.parametrize(("priority", "expected"), [(1, "3.99609375"), (100, "3.609375"),
+                                                     (254, "3.0078125")])
+def test_v2_master_down_interval(priority: int, expected: str) -> None:
+    # RFC 3768: Skew_Time = (256 - Priority) / 256 seconds, whatever the interval
+    assert master_down_interval(2, priority, 100) == F(expected)
+    assert skew_time(2, priority, 300) == F(256 - priority, 256)
+
+
+def test_backup_becomes_master_at_master_down_timer() -> None:
+    r = VirtualRouter(make_config(100, interval_cs=10), ME)
+    r.start(F(5))
+    t = r.get_timer()
+    assert t == F(5) + F("0.3609375")
+    assert r.handle_timer(t - F(1, 10**9)) == []
+    acts = r.handle_timer(t)
+    assert acts == [Transitioned("BACKUP", "MASTER", "master_down_timer", ME),
+                    AddVips(accept_mode=False), SendAdvert(100, 10), Announce(1)]
+    assert r.state is State.MASTER
+    # next: the second announcement (100 ms spacing) and the advert at +100 ms
+    assert r.get_timer() == t + F(1, 10)
+    assert r.handle_timer(t + F(1, 10)) == [SendAdvert(100, 10), Announce(2)]
+
+
+def test_advert_resets_master_down_and_learns_interval() -> None:
+    r = VirtualRouter(make_config(100, interval_cs=100), ME)
+    r.start(F(0))
+    r.receive(F(1), advert(200, interval_cs=10))
+    assert r.master_adver_interval_cs == 10
+    assert r.get_timer() == F(1) + F("0.3609375")
+    assert r.master_address == PEER and r.master_priority == 200
+
+
+def test_priority_zero_takeover_after_skew_time() -> None:
+    r = VirtualRouter(make_config(100, interval_cs=100), ME)
+    r.start(F(0))
+    r.receive(F(1), advert(200))
+    acts = r.receive(F(2), advert(0))
+    assert acts == []
+    assert r.get_timer() == F(2) + F("0.609375")  # Skew_Time only
+    acts = r.handle_timer(F(2) + F("0.609375"))
+    assert r.state is State.MASTER and SendAdvert(100, 100) in acts
+
+
+def test_owner_goes_straight_to_master() -> None:
+    r = VirtualRouter(make_config(255), ME)
+    acts = r.start(F(0))
+    assert r.state is State.MASTER
+    assert acts[0] == Transitioned("INIT", "MASTER", "address owner", ME)
+    assert SendAdvert(255, 100) in acts
+
+
+def test_master_steps_down_for_higher_priority_and_equal_higher_address() -> None:
+    r = VirtualRouter(make_config(100), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    assert r.state is State.MASTER
+    acts = r.receive(F(10), advert(100, src=IPv4Address("192.0.2.9")))  # equal, lower addr
+    assert r.state is State.MASTER and acts[0] == SendAdvert(100, 100)
+    acts = r.receive(F(11), advert(100, src=IPv4Address("192.0.2.200")))  # equal, higher addr
+    assert r.state is State.BACKUP and RemoveVips() in acts
+    assert r.get_timer() == F(11) + F("3.609375")
+
+
+def test_master_answers_lower_priority_at_once_and_reannounces_once() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    acts = r.receive(F(10), advert(100))
+    assert acts == [SendAdvert(150, 100), Announce(1)]
+    assert r.get_timer() == F(10) + F(1, 10)  # next announcement round
+    # the same episode: advert again, no second re-announce
+    acts = r.receive(F("10.5"), advert(100))
+    assert acts == [SendAdvert(150, 100)]
+    assert r.counters.dual_master_episodes == 1
+    assert r.dual_master_recent(F(11))
+
+
+def test_master_reasserts_on_priority_zero() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    acts = r.receive(F(10), advert(0))
+    assert acts == [SendAdvert(150, 100)]
+    assert r.adver_timer == F(11)
+
+
+def test_shutdown_sends_priority_zero_and_removes_vips() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    acts = r.shutdown(F(20))
+    assert acts[:2] == [SendAdvert(0, 100), RemoveVips()]
+    assert r.state is State.INIT and r.get_timer() is None
+
+
+def test_preempt_off_keeps_lower_master() -> None:
+    r = VirtualRouter(make_config(200, preempt=False), ME)
+    r.start(F(0))
+    r.receive(F(1), advert(100))
+    assert r.get_timer() == F(1) + master_down_interval(3, 200, 100)
+
+
+def test_preempt_on_discards_lower_priority() -> None:
+    r = VirtualRouter(make_config(200), ME)
+    r.start(F(0))
+    r.receive(F(1), advert(100))
+    assert r.get_timer() == master_down_interval(3, 200, 100)  # not reset
+
+
+def test_preempt_delay() -> None:
+    # 5 s preempt delay: lower-priority adverts are honoured until 5 s after entering
+    # BACKUP, then discarded, so the takeover is last honoured advert + MDI.
+    r = VirtualRouter(make_config(200, preempt_delay=F(5)), ME)
+    r.start(F(0))
+    for t in range(1, 5):
+        r.receive(F(t), advert(100))
+        assert r.get_timer() == F(t) + master_down_interval(3, 200, 100)
+    r.receive(F("4.999"), advert(100))
+    r.receive(F(5), advert(100))  # delay over: discarded
+    r.receive(F(6), advert(100))
+    assert r.get_timer() == F("4.999") + F("3.21875")
+    r.handle_timer(F("4.999") + F("3.21875"))
+    assert r.state is State.MASTER
+
+
+def test_link_down_is_fault_and_up_rejoins() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    acts = r.set_link(F(10), up=False)
+    assert r.state is State.FAULT and RemoveVips() in acts and r.get_timer() is None
+    acts = r.set_link(F(12), up=True)
+    assert r.state is State.BACKUP
+    assert r.get_timer() == F(12) + master_down_interval(3, 150, 100)
+
+
+def test_repeated_send_failures_give_up_mastership_then_retry() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    assert r.report_io(F(5), ok=False) == []
+    assert r.report_io(F(6), ok=True) == []  # a success resets the count
+    r.report_io(F(7), ok=False)
+    r.report_io(F(8), ok=False)
+    acts = r.report_io(F(9), ok=False)
+    assert r.state is State.FAULT and RemoveVips() in acts
+    retry = F(9) + master_down_interval(3, 150, 100)
+    assert r.get_timer() == retry
+    r.handle_timer(retry)
+    assert r.state is State.BACKUP
+
+
+def test_maintenance_drains_and_returns() -> None:
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    acts = r.set_maintenance(F(10), True)
+    assert acts[:2] == [SendAdvert(0, 100), RemoveVips()]
+    assert r.state is State.BACKUP and r.priority == 0 and r.get_timer() is None
+    r.receive(F(11), advert(100))
+    assert r.get_timer() is None  # a drained node never takes over
+    r.set_maintenance(F(12), False)
+    assert r.state is State.BACKUP and r.priority == 150
+    assert r.get_timer() == F(12) + master_down_interval(3, 150, 100)
+
+
+def test_garp_refresh_while_master() -> None:
+    r = VirtualRouter(make_config(150, garp_count=1, garp_refresh=F(30)), ME)
+    r.start(F(0))
+    t0 = r.get_timer()
+    assert t0 is not None
+    r.handle_timer(t0)
+    # adverts each second; the refresh announcement 30 s after becoming master
+    for k in range(1, 30):
+        assert r.handle_timer(t0 + k) == [SendAdvert(150, 100)]
+    assert r.handle_timer(t0 + 30) == [SendAdvert(150, 100), Announce(2)]
