@@ -125,13 +125,36 @@ def test_master_reasserts_on_priority_zero() -> None:
     assert r.adver_timer == F(11)
 
 
-def test_shutdown_sends_priority_zero_and_removes_vips() -> None:
+def test_shutdown_sends_priority_zero_and_hands_vips_to_successor() -> None:
     r = VirtualRouter(make_config(150), ME)
     r.start(F(0))
     r.handle_timer(r.get_timer())  # type: ignore[arg-type]
     acts = r.shutdown(F(20))
-    assert acts[:2] == [SendAdvert(0, 100), RemoveVips()]
-    assert r.state is State.INIT and r.get_timer() is None
+    assert acts == [SendAdvert(0, 100), Transitioned("MASTER", "INIT", "shutdown", ME)]
+    assert r.state is State.INIT and r.holding_vips
+    # VIPs are kept until the successor speaks...
+    assert r.receive(F("20.6"), advert(100)) == [RemoveVips()]
+    assert not r.holding_vips and r.get_timer() is None
+
+
+def test_shutdown_without_successor_releases_after_slowest_backup() -> None:
+    r = VirtualRouter(make_config(150, interval_cs=10), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    r.shutdown(F(20))
+    # one interval plus the Skew_Time of a priority 1 backup: 0.1 + 0.099609375
+    assert r.get_timer() == F(20) + F("0.199609375")
+    assert r.handle_timer(F(20) + F("0.199609375")) == [RemoveVips()]
+
+
+def test_master_answers_a_queue_of_stale_adverts_once() -> None:
+    r = VirtualRouter(make_config(150, interval_cs=10), ME)
+    r.start(F(0))
+    r.handle_timer(r.get_timer())  # type: ignore[arg-type]
+    t = F(5)
+    sent = sum(SendAdvert(150, 10) in r.receive(t + F(k, 10**6), advert(100, 10))
+               for k in range(100))
+    assert sent == 1
 
 
 def test_preempt_off_keeps_lower_master() -> None:
@@ -196,9 +219,9 @@ def test_maintenance_drains_and_returns() -> None:
     r.start(F(0))
     r.handle_timer(r.get_timer())  # type: ignore[arg-type]
     acts = r.set_maintenance(F(10), True)
-    assert acts[:2] == [SendAdvert(0, 100), RemoveVips()]
-    assert r.state is State.BACKUP and r.priority == 0 and r.get_timer() is None
-    r.receive(F(11), advert(100))
+    assert acts[0] == SendAdvert(0, 100)
+    assert r.state is State.BACKUP and r.priority == 0 and r.holding_vips
+    assert r.receive(F(11), advert(100)) == [RemoveVips()]
     assert r.get_timer() is None  # a drained node never takes over
     r.set_maintenance(F(12), False)
     assert r.state is State.BACKUP and r.priority == 150

@@ -171,7 +171,7 @@ class _Parser:
         self.errors: list[str] = []
 
     def err(self, path: str, value: object, why: str) -> None:
-        self.errors.append(f"{path}: {value!r} {why}")
+        self.errors.append(f"{path or '(document)'}: {value!r} {why}")
 
     def mapping(self, path: str, value: object, known: set[str]) -> Mapping[str, Any]:
         if not isinstance(value, Mapping):
@@ -179,20 +179,25 @@ class _Parser:
             return {}
         for key in value:
             if key not in known:
-                self.errors.append(f"{path}.{key}: unknown key (known: {', '.join(sorted(known))})")
+                self.errors.append(
+                    f"{_join(path, key)}: unknown key (known: {', '.join(sorted(known))})")
         return value
 
     def get(self, path: str, m: Mapping[str, Any], key: str, conv: Callable[[object], T],
             why: str, default: T | None = None, required: bool = False) -> T | None:
         if key not in m:
             if required:
-                self.errors.append(f"{path}.{key}: is required")
+                self.errors.append(f"{_join(path, key)}: is required")
             return default
         try:
             return conv(m[key])
         except (ValueError, TypeError):
-            self.err(f"{path}.{key}", m[key], why)
+            self.err(_join(path, key), m[key], why)
             return default
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def _int_in(lo: int, hi: int) -> Callable[[object], int]:
@@ -334,7 +339,7 @@ def _raise() -> Any:
 def parse(data: object, source: str = "") -> Config:
     """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
     p = _Parser()
-    top = p.mapping("(top)", data, {"node", "mode", "vlans", "sync"})
+    top = p.mapping("", data, {"node", "mode", "vlans", "sync"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
                                                         "control_socket_mode"})
     node = NodeConfig(
@@ -346,7 +351,7 @@ def parse(data: object, source: str = "") -> Config:
         control_socket_mode=p.get("node", node_raw, "control_socket_mode", _int_in(0, 0o777),
                                   "is not a file mode", 0o600) or 0o600,
     )
-    mode = p.get("(top)", top, "mode", lambda v: Mode(v),
+    mode = p.get("", top, "mode", lambda v: Mode(v),
                  "is not single-active, per-vlan-active or all-active", Mode.SINGLE_ACTIVE)
     vlans: list[VlanConfig] = []
     raw_vlans = top.get("vlans")

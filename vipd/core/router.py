@@ -111,13 +111,14 @@ class _Timers:
     master_down: Seconds | None = None
     announce: Seconds | None = None
     fault_retry: Seconds | None = None
+    release: Seconds | None = None
 
     def clear(self) -> None:
         self.adver = self.master_down = self.announce = self.fault_retry = None
 
     def earliest(self) -> Seconds | None:
-        armed = [t for t in (self.adver, self.master_down, self.announce, self.fault_retry)
-                 if t is not None]
+        armed = [t for t in (self.adver, self.master_down, self.announce, self.fault_retry,
+                             self.release) if t is not None]
         return min(armed) if armed else None
 
 
@@ -201,19 +202,39 @@ class VirtualRouter:
         return acts
 
     def shutdown(self, now: Seconds, cause: str = "shutdown") -> list[Action]:
-        """RFC 9568 6.4.2/6.4.3: the Shutdown event. A master sends priority 0."""
+        """RFC 9568 6.4.2/6.4.3: the Shutdown event. A master sends priority 0.
+
+        The VIPs stay until a successor is heard (or the slowest backup, priority 1, must
+        have taken over), so hosts that ARP in the Skew_Time gap still get an answer.
+        `holding_vips` tells the daemon when it may exit."""
         acts: list[Action] = []
-        if self.state is State.MASTER:
-            self._send(acts, priority=0)
-            acts.append(RemoveVips())
+        was_master = self.state is State.MASTER
+        if was_master:
+            self._send(acts, 0, now)
         if self.state in (State.MASTER, State.BACKUP):
             self._transition(now, State.INIT, cause, acts)
         self._timers.clear()
+        if was_master:
+            self._timers.release = (now + self.advertisement_interval
+                                    + skew_time(self.config.version, 1,
+                                                self.config.advert_interval_cs))
         return acts
+
+    @property
+    def holding_vips(self) -> bool:
+        """True while a released master still holds its VIPs for a successor."""
+        return self._timers.release is not None
+
+    def _release(self, acts: list[Action]) -> None:
+        if self._timers.release is not None:
+            self._timers.release = None
+            acts.append(RemoveVips())
 
     def handle_timer(self, now: Seconds) -> list[Action]:
         acts: list[Action] = []
         t = self._timers
+        if t.release is not None and now >= t.release:
+            self._release(acts)
         if t.fault_retry is not None and now >= t.fault_retry:
             t.fault_retry = None
             self._io_failures_in_row = 0
@@ -222,7 +243,7 @@ class VirtualRouter:
             t.master_down = None
             self._become_master(now, "master_down_timer", acts)
         if t.adver is not None and now >= t.adver and self.state is State.MASTER:
-            self._send(acts, self.priority)
+            self._send(acts, self.priority, now)
             t.adver = now + self.advertisement_interval
         if t.announce is not None and now >= t.announce and self.state is State.MASTER:
             self._announce(now, acts)
@@ -235,6 +256,8 @@ class VirtualRouter:
         self._note_peer(now, adv)
         if adv.priority == 0:
             self.counters.priority_zero_received += 1
+        elif self.holding_vips:
+            self._release(acts)  # a successor is advertising: hand the VIPs over
         if self.state is State.BACKUP:
             self._backup_receive(now, adv)
         elif self.state is State.MASTER:
@@ -248,6 +271,7 @@ class VirtualRouter:
             return acts
         self.link_up = up
         if not up:
+            self._release(acts)
             if self.state is State.MASTER:
                 acts.append(RemoveVips())
             if self.state is not State.FAULT:
@@ -282,15 +306,12 @@ class VirtualRouter:
         if on == self.maintenance:
             return acts
         if on:
-            if self.state is State.MASTER:
-                self._send(acts, priority=0)
-                acts.append(RemoveVips())
-            self.maintenance = True
             if self.state in (State.MASTER, State.BACKUP):
-                self._transition(now, State.INIT, "maintenance on", acts)
-                self._timers.clear()
+                acts += self.shutdown(now, "maintenance on")
+                self.maintenance = True
                 self._enter_backup(now, "maintenance on", acts)
                 self._timers.master_down = None  # a drained node never takes over
+            self.maintenance = True
             return acts
         self.maintenance = False
         if self.state is State.BACKUP:
@@ -319,7 +340,7 @@ class VirtualRouter:
     def _master_receive(self, now: Seconds, adv: Advert, acts: list[Action]) -> None:
         if adv.priority == 0:
             # RFC 9568 6.4.3: another router released; re-assert at once.
-            self._send(acts, self.priority)
+            self._send(acts, self.priority, now)
             self._timers.adver = now + self.advertisement_interval
             return
         if self._sender_wins(adv):
@@ -334,8 +355,12 @@ class VirtualRouter:
         fresh = (self.last_conflict_at is None
                  or now - self.last_conflict_at > self.master_down_interval)
         self.last_conflict_at = now
-        self._send(acts, self.priority)
-        self._timers.adver = now + self.advertisement_interval
+        # A master resuming from a hang drains a queue of stale adverts at one instant:
+        # answer once per quarter interval, not once per queued packet.
+        if self._last_sent_at is None or now - self._last_sent_at >= (
+                self.advertisement_interval / 4):
+            self._send(acts, self.priority, now)
+            self._timers.adver = now + self.advertisement_interval
         if fresh:
             self.counters.dual_master_episodes += 1
             log.info("%s: lower priority master %s (%d) heard while MASTER", self.config.name,
@@ -390,6 +415,7 @@ class VirtualRouter:
 
     def _become_master(self, now: Seconds, cause: str, acts: list[Action]) -> None:
         self._timers.master_down = None
+        self._timers.release = None  # still holding from a release: keep them
         self.master_address = self.primary_address
         self.master_priority = self.priority
         self.master_heard_at = now
@@ -397,7 +423,7 @@ class VirtualRouter:
         self._transition(now, State.MASTER, cause, acts)
         self.counters.became_master += 1
         acts.append(AddVips(accept_mode=self.config.accept_mode))
-        self._send(acts, self.priority)
+        self._send(acts, self.priority, now)
         self._timers.adver = now + self.advertisement_interval
         self._announce_round = 0
         self._announce(now, acts)
@@ -412,7 +438,9 @@ class VirtualRouter:
         else:
             self._timers.announce = None
 
-    def _send(self, acts: list[Action], priority: int) -> None:
+    def _send(self, acts: list[Action], priority: int, now: Seconds | None = None) -> None:
+        if now is not None:
+            self._last_sent_at = now
         self.counters.adverts_sent += 1
         if priority == 0:
             self.counters.priority_zero_sent += 1

@@ -1,0 +1,165 @@
+"""Configuration: examples load, every error is reported at once with path and value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+import pytest
+
+from vipd.config import (
+    ConfigError,
+    Mode,
+    load,
+    loads,
+    parse_duration_ms,
+    router_configs,
+)
+from vipd.core.packet import ChecksumVariant
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+GOOD = """
+node: {name: r1, control_socket: /run/vipd/test.sock}
+mode: single-active
+vlans:
+  - name: lan-a
+    interface: lanA
+    instances:
+      - vrid: 51
+        priority: 150
+        advert_interval: 10ms
+        version: 3
+        preempt: true
+        vips: [192.0.2.1/24, 2001:db8:a::1/64]
+sync: {interface: sync0, local: 203.0.113.1, peers: [203.0.113.2]}
+"""
+
+
+@pytest.mark.parametrize("name", ["single-active", "per-vlan-active", "all-active"])
+def test_examples_load(name: str) -> None:
+    cfg = load(CONFIGS / f"{name}.yaml")
+    assert cfg.mode is Mode(name)
+    assert cfg.vlans and all(v.instances for v in cfg.vlans)
+
+
+def test_good_config_is_typed() -> None:
+    cfg = loads(GOOD)
+    inst = cfg.vlans[0].instances[0]
+    assert inst.advert_interval_cs == 1 and inst.priority == 150 and inst.version == 3
+    assert cfg.sync is not None and cfg.sync.peers == (IPv4Address("203.0.113.2"),)
+    rcs = router_configs(cfg.vlans[0], inst)
+    assert [r.family for r in rcs] == [4, 6]
+    assert rcs[0].name == "lan-a/vrid 51/IPv4"
+    # IPv6: the derived virtual link-local is first on the wire (RFC 9568 5.2.9)
+    assert rcs[1].addresses == (IPv6Address("fe80::200:5eff:fe00:233"),
+                                IPv6Address("2001:db8:a::1"))
+    assert rcs[0].checksum is ChecksumVariant.PSEUDO_HEADER
+    assert rcs[1].checksum is ChecksumVariant.IPV6
+    with pytest.raises(AttributeError):
+        inst.priority = 1  # type: ignore[misc]
+
+
+def test_every_error_reported_with_path_and_value() -> None:
+    bad = """
+node: {name: r1}
+mode: half-active
+vlans:
+  - name: lan-a
+    interface: lanA
+    instances:
+      - {vrid: 51, priority: 100, vips: [192.0.2.1/24]}
+  - name: lan-b
+    interface: lanB
+    instances:
+      - vrid: 300
+        priority: 0
+        advert_interval: 15ms
+        vips: [192.0.2.1/24, 192.0.2.2/24, 192.0.2.300]
+      - vrid: 7
+        version: 2
+        advert_interval: 1500ms
+        vips: [2001:db8::1/64]
+        colour: blue
+"""
+    with pytest.raises(ConfigError) as ei:
+        loads(bad)
+    errors = ei.value.errors
+    expected = [
+        "mode: 'half-active' is not single-active, per-vlan-active or all-active",
+        "vlans[1].instances[0].vrid: 300 is not a VRID (1..255)",
+        "vlans[1].instances[0].priority: 0 is not a priority (1..255)",
+        "vlans[1].instances[0].advert_interval: '15ms' is not 10ms..40.95s in 10 ms steps",
+        "vlans[1].instances[0].vips[2]: '192.0.2.300' is not an IP address",
+        "vlans[1].instances[1].colour: unknown key",
+        "vlans[1].instances[1].advert_interval: '1500ms' is not whole seconds 1s..255s",
+        "vlans[1].instances[1].vips: ['2001:db8::1/64'] are IPv6: VRRPv2 is IPv4 only",
+    ]
+    for e in expected:
+        assert any(line.startswith(e) for line in errors), (e, errors)
+    assert len(errors) == len(expected), errors
+
+
+def test_duplicate_vrid_and_names() -> None:
+    bad = """
+node: {name: r1}
+vlans:
+  - name: a
+    interface: eth1
+    instances:
+      - {vrid: 5, vips: [192.0.2.1/24]}
+      - {vrid: 5, vips: [192.0.2.2/24]}
+      - {vrid: 5, vips: ['2001:db8::5/64']}
+  - name: a
+    interface: eth1
+    instances: [{vrid: 6, vips: [192.0.2.6/24]}]
+"""
+    with pytest.raises(ConfigError) as ei:
+        loads(bad)
+    text = "\n".join(ei.value.errors)
+    assert "vlans[0].instances[1].vrid: 5 is already used for IPv4 by instances[0]" in text
+    assert "vlans[1].name: 'a' is used by another VLAN" in text
+    assert "vlans[1].interface: 'eth1' is used by another VLAN" in text
+    assert "instances[2]" not in text  # IPv6 VRID 5 is its own virtual router
+
+
+def test_missing_and_wrong_shapes() -> None:
+    with pytest.raises(ConfigError) as ei:
+        loads("node: {}\nvlans: []\n")
+    assert ei.value.errors == ["node.name: is required", "vlans: [] is not a non-empty list"]
+    with pytest.raises(ConfigError) as ei:
+        loads("node: [\n")
+    assert "not valid YAML" in ei.value.errors[0]
+    with pytest.raises(ConfigError) as ei:
+        loads(GOOD.replace("192.0.2.1/24", "192.0.2.1"))
+    assert ei.value.errors == [
+        "vlans[0].instances[0].vips[0]: '192.0.2.1' has no prefix length (like 192.0.2.1/24)"]
+
+
+@pytest.mark.parametrize(("text", "ms"), [("10ms", 10), ("1s", 1000), ("1.5s", 1500),
+                                          ("40.95s", 40950), (2, 2000)])
+def test_durations(text: object, ms: int) -> None:
+    assert parse_duration_ms(text) == ms
+
+
+@pytest.mark.parametrize("text", ["10", "fast", "-1s", "0.0001s", True])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration_ms(text)
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("vrid: 51", "vrid: 0"))
+    ok = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(good)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok" in ok.stdout
+    ko = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(bad)],
+                        capture_output=True, text=True)
+    assert ko.returncode == 1
+    assert "vlans[0].instances[0].vrid: 0 is not a VRID (1..255)" in ko.stderr

@@ -1,0 +1,3 @@
+from vipd.daemon import main
+
+raise SystemExit(main())

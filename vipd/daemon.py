@@ -1,0 +1,37 @@
+"""The vipd command: `vipd -c CONFIG` runs the daemon, `vipd check-config FILE` validates."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from vipd.config import ConfigError, load
+
+
+def check_config(path: str) -> int:
+    try:
+        cfg = load(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{path}: {line}", file=sys.stderr)
+        return 1
+    routers = sum(len(i.families()) for v in cfg.vlans for i in v.instances)
+    print(f"{path}: ok ({len(cfg.vlans)} VLANs, {routers} virtual routers, {cfg.mode.value})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"]:
+        if len(argv) != 2:
+            print("usage: vipd check-config FILE", file=sys.stderr)
+            return 2
+        return check_config(argv[1])
+    ap = argparse.ArgumentParser(prog="vipd", description="VRRP failover daemon")
+    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("--control-socket", help="override node.control_socket")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    from vipd.runtime import run
+
+    return run(args.config, control_socket=args.control_socket, verbose=args.verbose)
