@@ -225,6 +225,12 @@ class VirtualRouter:
         """True while a released master still holds its VIPs for a successor."""
         return self._timers.release is not None
 
+    def release_now(self) -> list[Action]:
+        """Stop holding released VIPs at once (the router is being replaced)."""
+        acts: list[Action] = []
+        self._release(acts)
+        return acts
+
     def _release(self, acts: list[Action]) -> None:
         if self._timers.release is not None:
             self._timers.release = None

@@ -1,0 +1,118 @@
+"""Run VRRP speakers (vipd, or keepalived as the baseline) on a lab's routers.
+
+Both get the same topology, VRIDs, priorities and timers, so a benchmark compares like with
+like. vipd's control socket and logs live in the lab's workdir.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lab import Lab, LabError, wait_for
+
+VRID_BASE = 50
+
+
+@dataclass
+class Speaker:
+    router: str
+    proc: subprocess.Popen[bytes]
+    kind: str
+    config: Path
+    socket: Path | None = None
+
+
+def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
+                families: tuple[str, ...] = ("ipv4",), preempt: bool = True,
+                garp_count: int = 3) -> dict[str, Any]:
+    vlans = []
+    for i, vlan in enumerate(lab.topo.vlans):
+        vips = [str(lab.topo.vip(vlan, fam)) for fam in families
+                if lab.topo.vip(vlan, fam) is not None]
+        vlans.append({"name": vlan, "interface": vlan, "instances": [{
+            "vrid": VRID_BASE + 1 + i, "priority": priority,
+            "advert_interval": f"{interval_ms}ms", "version": 3, "preempt": preempt,
+            "garp": {"count": garp_count, "interval": "100ms"}, "vips": vips}]})
+    return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
+            "mode": "per-vlan-active", "vlans": vlans}
+
+
+def start_vipd(lab: Lab, router: str, config: dict[str, Any]) -> Speaker:
+    path = lab.workdir / f"{router}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    sock = Path(config["node"]["control_socket"])
+    proc = lab.popen(router, [sys.executable, "-m", "vipd", "-c", str(path)],
+                     log=f"{router}.vipd.log")
+    wait_for(lambda: sock.exists() or proc.poll() is not None, 10, what=f"{router} vipd up")
+    if proc.poll() is not None:
+        raise LabError(f"vipd on {router} exited {proc.returncode}: "
+                       + (lab.workdir / f"{router}.vipd.log").read_text()[-2000:])
+    return Speaker(router, proc, "vipd", path, sock)
+
+
+def vipctl(lab: Lab, speaker: Speaker, *args: str) -> subprocess.CompletedProcess[str]:
+    assert speaker.socket is not None
+    return subprocess.run([sys.executable, "-m", "vipd.vipctl", "-s", str(speaker.socket),
+                           *args], capture_output=True, text=True, timeout=10)
+
+
+def status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
+    p = vipctl(lab, speaker, "status", "--json")
+    if p.returncode not in (0, 1):
+        raise LabError(f"vipctl status: exit {p.returncode}: {p.stderr}")
+    result: dict[str, Any] = json.loads(p.stdout)
+    return result
+
+
+def states(lab: Lab, speaker: Speaker) -> list[str]:
+    return [i["state"] for i in status(lab, speaker)["instances"]]
+
+
+def keepalived_available() -> bool:
+    return shutil.which("keepalived") is not None
+
+
+def keepalived_config(lab: Lab, router: str, priority: int, interval_ms: int,
+                      preempt: bool = True, garp_count: int = 3) -> str:
+    lines = ["global_defs {", f"  router_id {router}", "  vrrp_version 3",
+             "  vrrp_garp_master_delay 0", f"  vrrp_garp_master_repeat {garp_count}",
+             "  vrrp_garp_interval 0.1", "  enable_script_security", "}"]
+    for i, vlan in enumerate(lab.topo.vlans):
+        vip = lab.topo.vip(vlan, "ipv4")
+        lines += [f"vrrp_instance {vlan} {{", "  state BACKUP", f"  interface {vlan}",
+                  f"  virtual_router_id {VRID_BASE + 1 + i}", f"  priority {priority}",
+                  f"  advert_int {interval_ms / 1000:g}",
+                  *([] if preempt else ["  nopreempt"]),
+                  "  virtual_ipaddress {", f"    {vip} dev {vlan}", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def start_keepalived(lab: Lab, router: str, priority: int, interval_ms: int) -> Speaker:
+    tag = f"{router}-{time.monotonic_ns()}"
+    conf = lab.workdir / f"{tag}.keepalived.conf"
+    conf.write_text(keepalived_config(lab, router, priority, interval_ms))
+    argv = ["keepalived", "-n", "-l", "-D", "-f", str(conf),
+            "-p", str(lab.workdir / f"{tag}.pid"), "-r", str(lab.workdir / f"{tag}.vrrp.pid"),
+            "-c", str(lab.workdir / f"{tag}.checker.pid"), "--vrrp"]
+    proc = lab.popen(router, argv, log=f"{router}.keepalived.log")
+    time.sleep(0.05)
+    if proc.poll() is not None:
+        raise LabError(f"keepalived on {router} exited {proc.returncode}")
+    return Speaker(router, proc, "keepalived", conf)
+
+
+def has_vip(lab: Lab, router: str, vlan: str, fam: str = "ipv4") -> bool:
+    vip = lab.topo.vip(vlan, fam)
+    return str(vip.ip) in lab.addresses(router, vlan)
+
+
+def holder(lab: Lab, vlan: str, fam: str = "ipv4") -> list[str]:
+    return [r for r in lab.topo.routers if has_vip(lab, r, vlan, fam)]

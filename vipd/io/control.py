@@ -1,0 +1,104 @@
+"""The control socket: a Unix stream socket, newline-delimited JSON requests and replies.
+
+A request is {"command": NAME, ...}; a reply is {"ok": true, ...} or
+{"ok": false, "error": {"code": CODE, "message": TEXT}}. A bad request gets an error reply,
+never a crash; a client may send several requests on one connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+log = logging.getLogger("vipd.control")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+MAX_REQUEST = 64 * 1024
+
+
+class ControlServer:
+    def __init__(self, path: str, handler: Handler, mode: int = 0o600) -> None:
+        self.path, self.handler, self.mode = path, handler, mode
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)  # a stale socket from a crash
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=self.path,
+                                                           limit=MAX_REQUEST)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1)
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except (ValueError, asyncio.LimitOverrunError):
+                    await self._reply(writer, _err("too_long", "request over 64 KiB"))
+                    return
+                if not line:
+                    return
+                await self._reply(writer, await self._dispatch(line))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _dispatch(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _err("bad_json", str(exc))
+        if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            return _err("bad_request", 'a request is an object with a "command" string')
+        try:
+            return await self.handler(req)
+        except Exception as exc:  # a handler bug must not take the daemon down
+            log.exception("control request %r failed", req.get("command"))
+            return _err("internal", f"{type(exc).__name__}: {exc}")
+
+    @staticmethod
+    async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        await writer.drain()
+
+
+def _err(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Blocking client for vipctl and tests."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    reply: dict[str, Any] = json.loads(buf)
+    return reply

@@ -1,0 +1,196 @@
+"""rtnetlink through pyroute2 (0.9 async API): links, their state, and VIP add/remove.
+
+Adding an address that is there and removing one that is not both succeed (idempotent).
+IPv6 VIPs are added with IFA_F_NODAD: a VIP that waits for DAD is useless for a second.
+`watch` feeds link changes (index, name, up, mac) to a callback; "up" means administratively
+up with carrier (IFF_UP and IFF_LOWER_UP), which is what a VRRP speaker can use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vipd.core.packet import IPAddress
+
+log = logging.getLogger("vipd.rtnl")
+
+IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
+IFA_F_SECONDARY = 0x01
+IFA_F_NODAD = 0x02
+IFA_F_TENTATIVE = 0x40
+
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    index: int
+    name: str
+    up: bool
+    mac: str
+
+
+LinkCallback = Callable[[LinkInfo], None]
+
+
+class Rtnl(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def link(self, name: str) -> LinkInfo | None: ...
+    async def addresses(self, index: int) -> list[tuple[IPInterface, int]]: ...
+    async def add_address(self, index: int, addr: IPInterface) -> None: ...
+    async def del_address(self, index: int, addr: IPInterface) -> None: ...
+    async def watch(self, callback: LinkCallback) -> None: ...
+
+
+def _link_info(msg: Any) -> LinkInfo:
+    flags = msg["flags"]
+    return LinkInfo(msg["index"], msg.get("ifname"), bool(flags & IFF_UP and
+                                                         flags & IFF_LOWER_UP),
+                    msg.get("address") or "00:00:00:00:00:00")
+
+
+class PyrouteRtnl:
+    """One pyroute2 socket; requests are serialized (a second dump while one is running
+    fails with EBUSY)."""
+
+    def __init__(self) -> None:
+        self._ipr: Any = None
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        self._ipr = AsyncIPRoute()
+        await self._ipr.setup_endpoint()
+
+    async def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    async def link(self, name: str) -> LinkInfo | None:
+        # Read the reply to its end: a dump left unfinished makes the next request EBUSY.
+        found = None
+        try:
+            async with self._lock:
+                async for msg in await self._ipr.get_links(ifname=name):
+                    found = found or _link_info(msg)
+        except Exception as exc:  # pyroute2 raises NetlinkError(19) for a missing link
+            if getattr(exc, "code", None) in (errno.ENODEV, errno.EINVAL):
+                return None
+            raise
+        return found
+
+    async def addresses(self, index: int) -> list[tuple[IPInterface, int]]:
+        out: list[tuple[IPInterface, int]] = []
+        async with self._lock:
+            async for msg in await self._ipr.addr("dump", index=index):
+                addr = msg.get("address")
+                if addr is None:
+                    continue
+                flags = msg.get("flags") or msg["flags"]
+                out.append((ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}"), flags))
+        return out
+
+    async def add_address(self, index: int, addr: IPInterface) -> None:
+        kw: dict[str, Any] = {}
+        if addr.version == 6:
+            kw["flags"] = IFA_F_NODAD
+        try:
+            async with self._lock:
+                await self._ipr.addr("add", index=index, address=str(addr.ip),
+                                     prefixlen=addr.network.prefixlen, **kw)
+        except Exception as exc:
+            if getattr(exc, "code", None) != errno.EEXIST:
+                raise
+
+    async def del_address(self, index: int, addr: IPInterface) -> None:
+        try:
+            async with self._lock:
+                await self._ipr.addr("del", index=index, address=str(addr.ip),
+                                     prefixlen=addr.network.prefixlen)
+        except Exception as exc:
+            if getattr(exc, "code", None) not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                raise
+
+    async def watch(self, callback: LinkCallback) -> None:
+        from pyroute2 import AsyncIPRoute
+
+        mon = AsyncIPRoute()
+        await mon.setup_endpoint()
+        await mon.bind()
+        try:
+            while True:
+                async for msg in mon.get():
+                    if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
+                        info = _link_info(msg)
+                        if msg.get("event") == "RTM_DELLINK":
+                            info = LinkInfo(info.index, info.name, False, info.mac)
+                        callback(info)
+        finally:
+            mon.close()
+
+
+def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
+                    exclude: set[IPAddress]) -> IPAddress | None:
+    """The address a VRRP speaker sends from: the first primary IPv4 address, or the IPv6
+    link-local (RFC 9568 5.1.2.1), never one of our VIPs."""
+    for iface, flags in addrs:
+        ip = iface.ip
+        if ip.version != family or ip in exclude:
+            continue
+        if family == 4 and not flags & IFA_F_SECONDARY:
+            return ip
+        if family == 6 and ip.is_link_local and not flags & IFA_F_TENTATIVE:
+            return ip
+    return None
+
+
+@dataclass
+class FakeRtnl:
+    """Links and addresses in memory, for driver tests."""
+
+    links: dict[str, LinkInfo] = field(default_factory=dict)
+    addrs: dict[int, list[tuple[IPInterface, int]]] = field(default_factory=dict)
+    fail_adds: bool = False
+    callback: LinkCallback | None = None
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def link(self, name: str) -> LinkInfo | None:
+        return self.links.get(name)
+
+    async def addresses(self, index: int) -> list[tuple[IPInterface, int]]:
+        return list(self.addrs.get(index, []))
+
+    async def add_address(self, index: int, addr: IPInterface) -> None:
+        if self.fail_adds:
+            raise OSError(errno.EPERM, "Operation not permitted")
+        lst = self.addrs.setdefault(index, [])
+        if all(a.ip != addr.ip for a, _ in lst):
+            lst.append((addr, IFA_F_SECONDARY))
+
+    async def del_address(self, index: int, addr: IPInterface) -> None:
+        self.addrs[index] = [(a, f) for a, f in self.addrs.get(index, []) if a.ip != addr.ip]
+
+    async def watch(self, callback: LinkCallback) -> None:
+        self.callback = callback
+        await asyncio.Event().wait()
+
+    def set_link(self, name: str, up: bool) -> None:
+        info = self.links[name]
+        self.links[name] = LinkInfo(info.index, name, up, info.mac)
+        if self.callback:
+            self.callback(self.links[name])

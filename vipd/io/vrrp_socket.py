@@ -1,0 +1,147 @@
+"""Raw IP protocol 112 sockets, one per (interface, family).
+
+Joins 224.0.0.18 / ff02::12 on its interface only (SO_BINDTODEVICE), sends with TTL / hop
+limit 255 and the source address we choose (IP_PKTINFO / IPV6_PKTINFO, so the pseudo-header
+checksum is computed over the address the peer will see), and never loops its own packets
+back. `recv_all` drains the socket without blocking and returns (payload, IpMeta) pairs;
+parsing the IPv4 header here is the only packet parsing outside vipd.core.packet.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from vipd.core.packet import IPPROTO_VRRP, VRRP_GROUP_V4, VRRP_GROUP_V6, IPAddress, IpMeta
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+TOS_NETWORK_CONTROL = 0xC0
+
+
+class VrrpTransport(Protocol):
+    ifname: str
+    family: int
+
+    def fileno(self) -> int: ...
+    def recv_all(self) -> list[tuple[bytes, IpMeta]]: ...
+    def send(self, payload: bytes, src: IPAddress) -> None: ...
+    def close(self) -> None: ...
+
+
+class VrrpSocket:
+    def __init__(self, ifname: str, ifindex: int, family: int) -> None:
+        self.ifname, self.ifindex, self.family = ifname, ifindex, family
+        af = socket.AF_INET if family == 4 else socket.AF_INET6
+        s = socket.socket(af, socket.SOCK_RAW, IPPROTO_VRRP)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if family == 4:
+                mreqn = struct.pack("=4s4si", VRRP_GROUP_V4.packed, b"\0" * 4, ifindex)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, TOS_NETWORK_CONTROL)
+            else:
+                mreq = VRRP_GROUP_V6.packed + struct.pack("=I", ifindex)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_TCLASS, TOS_NETWORK_CONTROL)
+            s.setblocking(False)
+        except OSError:
+            s.close()
+            raise
+        self._sock = s
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def recv_all(self) -> list[tuple[bytes, IpMeta]]:
+        out: list[tuple[bytes, IpMeta]] = []
+        while True:
+            try:
+                if self.family == 4:
+                    data = self._sock.recv(65535)
+                    item = parse_ipv4(data)
+                else:
+                    data, anc, _flags, addr = self._sock.recvmsg(65535, 256)
+                    item = parse_ipv6(data, anc, addr)
+            except BlockingIOError:
+                return out
+            if item is not None:
+                out.append(item)
+
+    def send(self, payload: bytes, src: IPAddress) -> None:
+        if self.family == 4:
+            info = struct.pack("=i4s4s", self.ifindex, src.packed, b"\0" * 4)
+            self._sock.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0,
+                               (str(VRRP_GROUP_V4), 0))
+        else:
+            info = src.packed + struct.pack("=I", self.ifindex)
+            self._sock.sendmsg([payload], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)],
+                               0, (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
+
+
+def parse_ipv4(data: bytes) -> tuple[bytes, IpMeta] | None:
+    """Split a raw IPv4 datagram into VRRP payload and metadata; None if not IPv4/112."""
+    if len(data) < 20 or data[0] >> 4 != 4:
+        return None
+    ihl = (data[0] & 0x0F) * 4
+    total = struct.unpack_from("!H", data, 2)[0]
+    if ihl < 20 or data[9] != IPPROTO_VRRP or len(data) < ihl:
+        return None
+    end = min(total, len(data)) if total >= ihl else len(data)
+    meta = IpMeta(4, ipaddress.IPv4Address(data[12:16]), ipaddress.IPv4Address(data[16:20]),
+                  data[8])
+    return data[ihl:end], meta
+
+
+def parse_ipv6(data: bytes, ancdata: list[tuple[int, int, bytes]],
+               addr: tuple[object, ...]) -> tuple[bytes, IpMeta] | None:
+    hop, dst = -1, VRRP_GROUP_V6
+    for level, ctype, cdata in ancdata:
+        if level != socket.IPPROTO_IPV6:
+            continue
+        if ctype == socket.IPV6_HOPLIMIT and len(cdata) >= 4:
+            hop = struct.unpack("=i", cdata[:4])[0]
+        elif ctype == socket.IPV6_PKTINFO and len(cdata) >= 16:
+            dst = ipaddress.IPv6Address(cdata[:16])
+    src_text = str(addr[0]).split("%", 1)[0]
+    return data, IpMeta(6, ipaddress.IPv6Address(src_text), dst, hop)
+
+
+@dataclass
+class FakeVrrpTransport:
+    """In-memory stand-in: records what was sent, returns what a test queued."""
+
+    ifname: str
+    family: int
+    sent: list[tuple[bytes, IPAddress]] = field(default_factory=list)
+    inbox: list[tuple[bytes, IpMeta]] = field(default_factory=list)
+    fail_sends: bool = False
+
+    def fileno(self) -> int:
+        return -1
+
+    def recv_all(self) -> list[tuple[bytes, IpMeta]]:
+        out, self.inbox = self.inbox, []
+        return out
+
+    def send(self, payload: bytes, src: IPAddress) -> None:
+        if self.fail_sends:
+            raise OSError(101, "Network is unreachable")
+        self.sent.append((payload, src))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,100 @@
+"""The one status model: a snapshot built from the cores, served as JSON by the control
+socket and rendered as text by vipctl. Times are ages in seconds relative to `now`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from vipd.core.packet import DropReason, IPAddress
+from vipd.core.router import State, VirtualRouter
+from vipd.core.timing import s_to_ms
+
+
+@dataclass
+class RouterView:
+    """What status needs about one virtual router besides the core itself."""
+
+    vlan: str
+    interface: str
+    router: VirtualRouter
+    vips: tuple[str, ...]
+    drops: Mapping[DropReason, int]
+
+
+def _age(now: Fraction, t: Fraction | None) -> float | None:
+    return None if t is None else round(float(now - t), 3)
+
+
+def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
+    r = v.router
+    c = r.config
+    lt = r.last_transition
+    master: IPAddress | None = r.master_address if r.state in (State.BACKUP, State.MASTER) \
+        else None
+    return {
+        "name": c.name,
+        "vlan": v.vlan,
+        "interface": v.interface,
+        "vrid": c.vrid,
+        "family": f"IPv{c.family}",
+        "version": c.version,
+        "state": r.state.value,
+        "priority": c.priority,
+        "effective_priority": r.priority,
+        "maintenance": r.maintenance,
+        "preempt": c.preempt,
+        "primary_address": str(r.primary_address) if r.primary_address else None,
+        "master": str(master) if master else None,
+        "master_is_self": r.state is State.MASTER,
+        "master_priority": r.master_priority if master else None,
+        "master_heard_ago_s": _age(now, r.master_heard_at) if master else None,
+        "advert_interval_ms": c.advert_interval_cs * 10,
+        "master_adver_interval_ms": r.master_adver_interval_cs * 10,
+        "master_down_interval_ms": s_to_ms(r.master_down_interval),
+        "skew_time_ms": s_to_ms(r.skew_time),
+        "vips": list(v.vips),
+        "checksum_sent": c.checksum.value,
+        "peers": [
+            {"address": str(a), "priority": p.priority, "version": p.version,
+             "interval_ms": p.interval_cs * 10, "checksum": p.checksum.value,
+             "adverts": p.adverts, "last_heard_ago_s": _age(now, p.last_heard)}
+            for a, p in sorted(r.peers.items(), key=lambda kv: kv[0].packed)
+        ],
+        "last_transition": None if lt is None else {
+            "from": lt.old.value, "to": lt.new.value, "cause": lt.cause,
+            "ago_s": _age(now, lt.at)},
+        "transitions": r.counters.transitions,
+        "adverts_sent": r.counters.adverts_sent,
+        "adverts_received": r.counters.adverts_received,
+        "priority_zero_sent": r.counters.priority_zero_sent,
+        "priority_zero_received": r.counters.priority_zero_received,
+        "io_failures": r.counters.io_failures,
+        "dual_master_episodes": r.counters.dual_master_episodes,
+        "dual_master": r.dual_master_recent(now),
+        "drops": {k.value: n for k, n in sorted(v.drops.items(), key=lambda kv: kv[0].value)
+                  if n},
+    }
+
+
+def snapshot(node: str, mode: str, routers: Iterable[RouterView],
+             interfaces: Iterable[dict[str, Any]], now: Fraction,
+             started_ago_s: float) -> dict[str, Any]:
+    instances = [router_status(v, now) for v in routers]
+    problems = []
+    for i in instances:
+        if i["state"] == State.FAULT.value:
+            problems.append(f"{i['name']}: FAULT ({(i['last_transition'] or {}).get('cause')})")
+        if i["dual_master"]:
+            problems.append(f"{i['name']}: two masters heard")
+    return {
+        "node": node,
+        "mode": mode,
+        "uptime_s": round(started_ago_s, 3),
+        "healthy": not problems,
+        "problems": problems,
+        "instances": instances,
+        "interfaces": list(interfaces),
+    }

@@ -1,0 +1,121 @@
+"""vipctl: the operator's command. Talks to vipd over its control socket.
+
+    vipctl [-s SOCKET] status [--json]     exit 0 healthy, 1 degraded, 2 daemon unreachable
+    vipctl [-s SOCKET] maintenance on|off  drain this node / bring it back
+    vipctl [-s SOCKET] reload              re-read the configuration (like SIGHUP)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from vipd.config import DEFAULT_CONTROL_SOCKET
+from vipd.io.control import request
+
+EXIT_OK, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
+
+
+def _ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}".rstrip("0").rstrip(".") + " ms"
+
+
+def _ago(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v * 1000:.0f} ms ago" if v < 10 else f"{v:.1f} s ago"
+
+
+def render(status: dict[str, Any]) -> str:
+    """The text view of the status model (same data as --json)."""
+    lines = [f"node {status['node']}  mode {status['mode']}  "
+             f"{'healthy' if status['healthy'] else 'DEGRADED'}  up {status['uptime_s']:.0f} s"]
+    for p in status["problems"]:
+        lines.append(f"  ! {p}")
+    for i in status["instances"]:
+        lt = i["last_transition"]
+        if i["master_is_self"]:
+            master = f"{i['master']} (this node)"
+        elif i["master"]:
+            master = (f"{i['master']} prio {i['master_priority']}, heard "
+                      f"{_ago(i['master_heard_ago_s'])}")
+        else:
+            master = "-"
+        rows = [
+            ("VLAN / interface", f"{i['vlan']} / {i['interface']}"),
+            ("VRID / family", f"{i['vrid']} / {i['family']} (VRRPv{i['version']})"),
+            ("state", i["state"] + ("  [maintenance]" if i["maintenance"] else "")),
+            ("priority", f"{i['priority']} configured, {i['effective_priority']} effective"),
+            ("master", master),
+            ("advert interval", f"{_ms(i['advert_interval_ms'])} sent, "
+                                f"{_ms(i['master_adver_interval_ms'])} learned"),
+            ("master down", f"{_ms(i['master_down_interval_ms'])} "
+                            f"(skew {_ms(i['skew_time_ms'])})"),
+            ("VIPs", ", ".join(i["vips"])),
+            ("last transition", "-" if lt is None else
+             f"{lt['from']} -> {lt['to']} ({lt['cause']}), {_ago(lt['ago_s'])}"),
+            ("adverts", f"{i['adverts_sent']} sent, {i['adverts_received']} received"),
+            ("drops", ", ".join(f"{k} {n}" for k, n in i["drops"].items()) or "none"),
+        ]
+        for peer in i["peers"]:
+            rows.append((f"peer {peer['address']}",
+                         f"prio {peer['priority']}, v{peer['version']}, checksum "
+                         f"{peer['checksum']}, {peer['adverts']} adverts, last "
+                         f"{_ago(peer['last_heard_ago_s'])}"))
+        if i["dual_master"]:
+            rows.append(("WARNING", "two masters heard recently"))
+        lines.append("")
+        lines.append(f"{i['name']}")
+        lines += [f"  {k:<18} {v}" for k, v in rows]
+    iface_drops = [(f["name"], fam, d) for f in status["interfaces"]
+                   for fam, d in f["drops"].items() if d]
+    if iface_drops:
+        lines.append("")
+        lines.append("interface drops (before a VRID matched)")
+        for name, fam, d in iface_drops:
+            lines.append(f"  {name} {fam}: " + ", ".join(f"{k} {n}" for k, n in d.items()))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vipctl", description="control a running vipd")
+    ap.add_argument("-s", "--socket", "--control-socket", dest="socket",
+                    default=os.environ.get("VIPD_SOCKET", DEFAULT_CONTROL_SOCKET))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("status", help="show every virtual router")
+    st.add_argument("--json", action="store_true")
+    mt = sub.add_parser("maintenance", help="drain this node or bring it back")
+    mt.add_argument("onoff", choices=["on", "off"])
+    sub.add_parser("reload", help="re-read the configuration")
+    args = ap.parse_args(argv)
+
+    if args.cmd == "status":
+        req: dict[str, Any] = {"command": "status"}
+    elif args.cmd == "maintenance":
+        req = {"command": "maintenance", "on": args.onoff == "on"}
+    else:
+        req = {"command": "reload"}
+    try:
+        reply = request(args.socket, req)
+    except (OSError, ValueError) as exc:
+        print(f"vipctl: cannot reach vipd at {args.socket}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if not reply.get("ok"):
+        err = reply.get("error", {})
+        print(f"vipctl: {err.get('code')}: {err.get('message')}", file=sys.stderr)
+        return EXIT_DEGRADED
+    if args.cmd == "status":
+        status = reply["status"]
+        print(json.dumps(status, indent=2) if args.json else render(status))
+        return EXIT_OK if status["healthy"] else EXIT_DEGRADED
+    print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
