@@ -116,3 +116,27 @@ def has_vip(lab: Lab, router: str, vlan: str, fam: str = "ipv4") -> bool:
 
 def holder(lab: Lab, vlan: str, fam: str = "ipv4") -> list[str]:
     return [r for r in lab.topo.routers if has_vip(lab, r, vlan, fam)]
+
+
+class Probe:
+    """The 1 ms probe running in a host namespace; `finish()` stops it and returns figures."""
+
+    def __init__(self, lab: Lab, host: str, target: str, interval_ms: float = 1.0,
+                 duration_s: float = 60.0) -> None:
+        here = Path(__file__).resolve().parent
+        self.lab = lab
+        self.proc = lab.popen(host, [sys.executable, str(here / "probe.py"), target,
+                                     "--interval-ms", str(interval_ms),
+                                     "--duration-s", str(duration_s)],
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def finish(self) -> dict[str, Any]:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=10)
+        self.lab.procs.pop(self.proc.pid, None)
+        result: dict[str, Any] = json.loads(out)
+        return result

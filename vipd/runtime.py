@@ -118,6 +118,7 @@ class Daemon:
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
+        self.reloads = 0
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
         self._control: ControlServer | None = None
@@ -410,7 +411,7 @@ class Daemon:
                              for f, c in i.drops.items()}}
                   for i in self.ifaces.values()]
         return snapshot(self.cfg.node.name, self.cfg.mode.value, views, ifaces, now,
-                        float(now - self._started))
+                        float(now - self._started), self.reloads)
 
     def set_maintenance(self, on: bool) -> None:
         now = self.now()
@@ -450,6 +451,7 @@ class Daemon:
         await self._remove_leftovers([s for s in added if not s.router.holding_vips])
         for slot in added:
             self._start_slot(slot, "reload")
+        self.reloads += 1
         log.info("reloaded: %d kept, %d replaced or removed, %d started", kept, changed,
                  len(added))
         return {"kept": kept, "replaced_or_removed": changed, "started": len(added)}

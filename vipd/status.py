@@ -67,6 +67,7 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
             "from": lt.old.value, "to": lt.new.value, "cause": lt.cause,
             "ago_s": _age(now, lt.at)},
         "transitions": r.counters.transitions,
+        "became_master": r.counters.became_master,
         "adverts_sent": r.counters.adverts_sent,
         "adverts_received": r.counters.adverts_received,
         "priority_zero_sent": r.counters.priority_zero_sent,
@@ -81,7 +82,7 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
 
 def snapshot(node: str, mode: str, routers: Iterable[RouterView],
              interfaces: Iterable[dict[str, Any]], now: Fraction,
-             started_ago_s: float) -> dict[str, Any]:
+             started_ago_s: float, reloads: int = 0) -> dict[str, Any]:
     instances = [router_status(v, now) for v in routers]
     problems = []
     for i in instances:
@@ -93,6 +94,7 @@ def snapshot(node: str, mode: str, routers: Iterable[RouterView],
         "node": node,
         "mode": mode,
         "uptime_s": round(started_ago_s, 3),
+        "reloads": reloads,
         "healthy": not problems,
         "problems": problems,
         "instances": instances,

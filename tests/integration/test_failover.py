@@ -1,0 +1,180 @@
+"""vipd on a real kernel, in namespaces: election, failovers, handoffs, vipctl.
+
+Every wait polls observable state (addresses, neighbour caches, vipctl --json) with a
+deadline; nothing sleeps for a fixed time to "let things settle"."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from lab import Lab, wait_for
+from scenario import Speaker, holder, start_vipd, status, vipctl, vipd_config
+
+INTERVAL_MS = 100  # Master_Down_Interval about 0.36 s for the priority 100 backup
+
+
+def pair(lab: Lab, families: tuple[str, ...] = ("ipv4",)) -> tuple[Speaker, Speaker]:
+    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS, families))
+    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, INTERVAL_MS, families))
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
+             what="r1 elected")
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
+    return r1, r2
+
+
+def states(lab: Lab, sp: Speaker) -> list[str]:
+    return [i["state"] for i in status(lab, sp)["instances"]]
+
+
+def test_election_and_status(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    s1, s2 = status(lab, r1), status(lab, r2)
+    assert [i["state"] for i in s1["instances"]] == ["MASTER", "MASTER"]
+    a = s2["instances"][0]
+    for key in ("vlan", "interface", "vrid", "family", "state", "priority",
+                "effective_priority", "master", "vips"):
+        assert key in a
+    assert (a["vlan"], a["interface"], a["vrid"], a["family"]) == ("lanA", "lanA", 51, "IPv4")
+    assert a["master"] == "192.0.2.11" and a["priority"] == 100
+    assert a["peers"][0]["checksum"] == "pseudo-header"
+    assert a["master_down_interval_ms"] == 360.9375
+    assert vipctl(lab, r1, "status").returncode == 0
+    text = vipctl(lab, r2, "status").stdout
+    assert "lanA/vrid 51/IPv4" in text and "BACKUP" in text and "192.0.2.11 prio 200" in text
+
+
+def test_link_cut_failover_arp_follows_and_preemption(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "192.0.2.1"])
+    assert lab.neighbour("client", "192.0.2.1") == lab.mac("r1", "lanA")
+    lab.cut("r1")
+    wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="VIP on r2")
+    wait_for(lambda: lab.neighbour("client", "192.0.2.1") == lab.mac("r2", "lanA"), 3,
+             what="client ARP cache follows the VIP")
+    assert set(states(lab, r1)) == {"FAULT"}
+    assert vipctl(lab, r1, "status").returncode == 1  # degraded
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "198.51.100.100"])
+    lab.restore("r1")
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 5,
+             what="r1 preempts on return")
+    wait_for(lambda: lab.neighbour("client", "192.0.2.1") == lab.mac("r1", "lanA"), 3,
+             what="client ARP cache back on r1")
+    causes = [i["last_transition"]["cause"] for i in status(lab, r2)["instances"]]
+    assert causes == ["higher priority master 192.0.2.11 (200)",
+                      "higher priority master 198.51.100.11 (200)"]
+
+
+def test_kill_9_failover_and_leftover_cleanup(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    os.kill(r1.proc.pid, signal.SIGKILL)
+    r1.proc.wait(5)
+    wait_for(lambda: set(states(lab, r2)) == {"MASTER"}, 5, what="r2 takes over")
+    # the dead daemon left its VIPs behind; a new start removes them, then preempts
+    assert "r1" in holder(lab, "lanA")
+    r1b = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS))
+    wait_for(lambda: set(states(lab, r1b)) == {"MASTER"}, 5, what="r1 back")
+    wait_for(lambda: holder(lab, "lanA") == ["r1"], 5, what="one holder")
+
+
+def test_hang_and_recovery_without_lasting_dual_master(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    os.kill(r1.proc.pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: set(states(lab, r2)) == {"MASTER"}, 5, what="r2 takes over")
+        time.sleep(1.0)  # the hang itself lasts a while: stale adverts queue up on r1
+    finally:
+        os.kill(r1.proc.pid, signal.SIGCONT)
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 3, what="r2 steps down")
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 3,
+             what="only r1 holds the VIPs")
+    # and it stays that way: no flapping while r1 drains its queue
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert holder(lab, "lanA") == ["r1"]
+        time.sleep(0.05)
+    assert [i["became_master"] for i in status(lab, r2)["instances"]] == [1, 1]
+
+
+def test_sigterm_hands_over_gracefully(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    t0 = time.monotonic()
+    r1.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: set(states(lab, r2)) == {"MASTER"}, 3, what="r2 master")
+    took = time.monotonic() - t0
+    assert r1.proc.wait(5) == 0
+    assert took < 0.3  # Skew_Time (61 ms) plus polling, far below Master_Down_Interval
+    assert holder(lab, "lanA") == ["r2"]
+    assert status(lab, r2)["instances"][0]["last_transition"]["cause"] == "master_down_timer"
+    assert status(lab, r2)["instances"][0]["priority_zero_received"] == 1
+
+
+def test_ipv6_vip_with_unsolicited_na(lab: Lab) -> None:
+    r1, r2 = pair(lab, ("ipv4", "ipv6"))
+    wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r1"], 5, what="IPv6 VIP on r1")
+    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", "2001:db8:a::1"])
+    assert lab.neighbour("client", "2001:db8:a::1") == lab.mac("r1", "lanA")
+    lab.cut("r1")
+    wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r2"], 5, what="IPv6 VIP on r2")
+    wait_for(lambda: lab.neighbour("client", "2001:db8:a::1") == lab.mac("r2", "lanA"), 3,
+             what="client neighbour cache follows the unsolicited NA")
+    v6 = [i for i in status(lab, r2)["instances"] if i["family"] == "IPv6"][0]
+    assert v6["vips"][0] == "2001:db8:a::1/64"
+    assert any(p["checksum"] == "ipv6" for p in v6["peers"])
+
+
+def test_maintenance_on_and_off(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    assert vipctl(lab, r1, "maintenance", "on").returncode == 0
+    wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 3,
+             what="drained to r2")
+    s1 = status(lab, r1)
+    assert {(i["state"], i["effective_priority"], i["maintenance"])
+            for i in s1["instances"]} == {("BACKUP", 0, True)}
+    assert s1["healthy"]
+    assert vipctl(lab, r1, "maintenance", "off").returncode == 0
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 3,
+             what="r1 back")
+
+
+def test_sighup_with_unchanged_config_causes_no_transition(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    before = [(i["transitions"], i["state"]) for s in (r1, r2)
+              for i in status(lab, s)["instances"]]
+    for sp in (r1, r2):
+        sp.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: all(status(lab, sp)["reloads"] == 1 for sp in (r1, r2)), 5,
+             what="both reloaded")
+    after = [(i["transitions"], i["state"]) for s in (r1, r2)
+             for i in status(lab, s)["instances"]]
+    assert after == before
+    assert holder(lab, "lanA") == ["r1"]
+
+
+def test_vipctl_exit_codes_and_bad_requests(lab: Lab) -> None:
+    r1, _r2 = pair(lab)
+    assert vipctl(lab, r1, "status").returncode == 0
+    gone = subprocess.run([sys.executable, "-m", "vipd.vipctl", "-s",
+                           str(lab.workdir / "nobody.sock"), "status"],
+                          capture_output=True, text=True)
+    assert gone.returncode == 2 and "cannot reach vipd" in gone.stderr
+    import socket
+
+    assert r1.socket is not None
+    assert oct(os.stat(r1.socket).st_mode & 0o777) == "0o600"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(r1.socket))
+        s.sendall(b"this is not json\n{\"command\": \"fly\"}\n{\"command\": \"maintenance\"}\n")
+        buf = b""
+        while buf.count(b"\n") < 3:
+            buf += s.recv(4096)
+    lines = buf.decode().splitlines()
+    assert '"code":"bad_json"' in lines[0]
+    assert '"code":"unknown_command"' in lines[1]
+    assert '"code":"bad_request"' in lines[2]
+    assert vipctl(lab, r1, "status").returncode == 0  # still alive
+    lab.cut("r1")
+    wait_for(lambda: vipctl(lab, r1, "status").returncode == 1, 3, what="degraded exit code")
