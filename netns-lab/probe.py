@@ -12,6 +12,7 @@ replies, and the probe's own longest send gap (a stalled probe is not an outage)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -118,10 +119,8 @@ def run(target: str, interval: float, duration: float) -> dict[str, Any]:
             select.select([sock], [], [], due - now)
             drain()
             continue
-        try:
+        with contextlib.suppress(OSError):  # no route for a moment is loss like any other
             sock.sendto(echo(ident, k, k), (target, 0))
-        except OSError:
-            pass  # no route for a moment is loss like any other
         send_times.append(time.monotonic())
         k += 1
         # catch up without bursts: a stalled probe skips slots rather than flooding
