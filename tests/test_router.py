@@ -57,9 +57,21 @@ def test_backup_becomes_master_at_master_down_timer() -> None:
     assert acts == [Transitioned("BACKUP", "MASTER", "master_down_timer", ME),
                     AddVips(accept_mode=False), SendAdvert(100, 10), Announce(1)]
     assert r.state is State.MASTER
-    # next: the second announcement (100 ms spacing) and the advert at +100 ms
+    # next advert on the 100 ms grid (5.4), then the second announcement 100 ms after t
+    assert r.get_timer() == F("5.4")
+    assert r.handle_timer(F("5.4")) == [SendAdvert(100, 10)]
     assert r.get_timer() == t + F(1, 10)
-    assert r.handle_timer(t + F(1, 10)) == [SendAdvert(100, 10), Announce(2)]
+    assert r.handle_timer(t + F(1, 10)) == [Announce(2)]
+    assert r.get_timer() == F("5.5")
+
+
+def test_adverts_of_all_routers_share_one_grid() -> None:
+    # two routers that became master at different instants advertise together afterwards
+    a = VirtualRouter(make_config(255, interval_cs=10), ME)
+    b = VirtualRouter(make_config(255, interval_cs=10, vrid=52), ME)
+    a.start(F("0.013"))
+    b.start(F("0.071"))
+    assert a.adver_timer == b.adver_timer == F("0.1")
 
 
 def test_advert_resets_master_down_and_learns_interval() -> None:

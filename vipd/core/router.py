@@ -165,6 +165,15 @@ class VirtualRouter:
     def advertisement_interval(self) -> Seconds:
         return cs_to_s(self.config.advert_interval_cs)
 
+    def _next_advert(self, now: Seconds) -> Seconds:
+        """The next Adver_Timer expiry, on a grid of the interval rather than `now + I`.
+
+        Deliberate: every router of this node with the same interval then advertises in the
+        same instant, so their backups time out together and all VLANs move as one (the
+        first advert after a (re)start comes up to one interval early, which is harmless)."""
+        interval = self.advertisement_interval
+        return (now // interval + 1) * interval
+
     def get_timer(self) -> Seconds | None:
         return self._timers.earliest()
 
@@ -250,7 +259,7 @@ class VirtualRouter:
             self._become_master(now, "master_down_timer", acts)
         if t.adver is not None and now >= t.adver and self.state is State.MASTER:
             self._send(acts, self.priority, now)
-            t.adver = now + self.advertisement_interval
+            t.adver = self._next_advert(now)
         if t.announce is not None and now >= t.announce and self.state is State.MASTER:
             self._announce(now, acts)
         return acts
@@ -347,7 +356,7 @@ class VirtualRouter:
         if adv.priority == 0:
             # RFC 9568 6.4.3: another router released; re-assert at once.
             self._send(acts, self.priority, now)
-            self._timers.adver = now + self.advertisement_interval
+            self._timers.adver = self._next_advert(now)
             return
         if self._sender_wins(adv):
             self._learn_master(now, adv)
@@ -366,7 +375,7 @@ class VirtualRouter:
         if self._last_sent_at is None or now - self._last_sent_at >= (
                 self.advertisement_interval / 4):
             self._send(acts, self.priority, now)
-            self._timers.adver = now + self.advertisement_interval
+            self._timers.adver = self._next_advert(now)
         if fresh:
             self.counters.dual_master_episodes += 1
             log.info("%s: lower priority master %s (%d) heard while MASTER", self.config.name,
@@ -430,7 +439,7 @@ class VirtualRouter:
         self.counters.became_master += 1
         acts.append(AddVips(accept_mode=self.config.accept_mode))
         self._send(acts, self.priority, now)
-        self._timers.adver = now + self.advertisement_interval
+        self._timers.adver = self._next_advert(now)
         self._announce_round = 0
         self._announce(now, acts)
 

@@ -1,0 +1,158 @@
+"""Failover benchmark: outage seen by a 1 ms probe through the VIPs, vipd against keepalived.
+
+    python netns-lab/bench_failover.py [--runs 7] [--intervals 1000,100,10] [--kinds vipd,keepalived]
+
+Each run builds a fresh lab (pair topology), starts the two speakers with the same VRIDs,
+priorities (200 and 100) and advert interval, waits for r1 to be master, starts the probe
+(client -> server, through the VIP of each VLAN), then makes the fault:
+  cut          r1's switch ports down in one batch (unplanned)
+  sigterm      the daemon on r1 stopped with SIGTERM (planned)
+  maintenance  `vipctl maintenance on` on r1 (planned, vipd only)
+and keeps probing until r2 holds both VIPs plus a margin. vipd and keepalived runs
+alternate so slow spells of this noisy machine hit both. Figures: the outage of the loss
+run at the fault (first to last unanswered request, plus one interval; lab-notes.md), the
+number of lost requests, the longest reply gap, and the probe's own longest send gap.
+Results go to stdout and, as JSON, to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lab import Lab, Topology, wait_for  # noqa: E402
+from scenario import (  # noqa: E402
+    Probe,
+    holder,
+    keepalived_available,
+    start_keepalived,
+    start_vipd,
+    vipctl,
+    vipd_config,
+)
+
+TARGET = "198.51.100.100"
+
+
+def master_down_ms(priority: int, interval_ms: int) -> float:
+    return 3 * interval_ms + (256 - priority) * interval_ms / 256
+
+
+def one_run(kind: str, interval_ms: int, fault: str) -> dict[str, Any]:
+    with Lab(Topology.load()) as lab:
+        if kind == "vipd":
+            s1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, interval_ms))
+            start_vipd(lab, "r2", vipd_config(lab, "r2", 100, interval_ms))
+        else:
+            s1 = start_keepalived(lab, "r1", 200, interval_ms)
+            start_keepalived(lab, "r2", 100, interval_ms)
+        settle = 5 + 5 * interval_ms / 1000
+        wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"],
+                 settle, what=f"{kind}: r1 master")
+        time.sleep(3 * interval_ms / 1000 + 0.3)  # r2 has heard r1 and the probe warms up
+        probe = Probe(lab, "client", TARGET, 1.0, 120)
+        time.sleep(0.5)
+        t_fault = time.monotonic()
+        if fault == "cut":
+            lab.cut("r1")
+        elif fault == "sigterm":
+            s1.proc.send_signal(15)
+        elif fault == "maintenance":
+            vipctl(lab, s1, "maintenance", "on")
+        wait_for(lambda: "r2" in holder(lab, "lanA") and "r2" in holder(lab, "lanB"),
+                 settle, interval=0.002, what=f"{kind}: r2 holds the VIPs")
+        moved_ms = (time.monotonic() - t_fault) * 1000
+        time.sleep(max(0.5, 2 * interval_ms / 1000))
+        res = probe.finish()
+    runs = [r for r in res["loss_runs"] if r["last_send"] >= t_fault - 0.002]
+    worst = max(runs, key=lambda r: r["count"], default=None)
+    return {
+        "kind": kind, "interval_ms": interval_ms, "fault": fault,
+        "outage_ms": worst["outage_ms"] if worst else 0.0,
+        "lost": sum(r["count"] for r in runs),
+        "longest_reply_gap_ms": res["longest_reply_gap_ms"],
+        "max_send_gap_ms": res["max_send_gap_ms"],
+        "vip_moved_ms": round(moved_ms, 1),
+        "sent": res["sent"], "received": res["received"],
+    }
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    return {"min": round(min(values), 1), "median": round(statistics.median(values), 1),
+            "max": round(max(values), 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--intervals", default="1000,100,10")
+    ap.add_argument("--kinds", default="vipd,keepalived")
+    ap.add_argument("--faults", default="cut,sigterm,maintenance")
+    ap.add_argument("--planned-interval", type=int, default=100,
+                    help="advert interval (ms) for the planned handoff runs")
+    ap.add_argument("--out", default="netns-lab/results/failover.json")
+    args = ap.parse_args(argv)
+    kinds = args.kinds.split(",")
+    if "keepalived" in kinds and not keepalived_available():
+        print("keepalived is not installed: run scripts/bootstrap.sh", file=sys.stderr)
+        return 2
+    plan: list[tuple[int, str]] = []
+    faults = args.faults.split(",")
+    if "cut" in faults:
+        plan += [(int(i), "cut") for i in args.intervals.split(",")]
+    plan += [(args.planned_interval, f) for f in faults if f != "cut"]
+    results: list[dict[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    for interval_ms, fault in plan:
+        these = [k for k in kinds if not (fault == "maintenance" and k == "keepalived")]
+        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in these}
+        for n in range(args.runs):
+            for kind in these:
+                r = one_run(kind, interval_ms, fault)
+                rows[kind].append(r)
+                results.append(r)
+                print(f"  {fault:<11} {interval_ms:>5} ms  {kind:<10} run {n + 1}: outage "
+                      f"{r['outage_ms']:7.1f} ms, lost {r['lost']:4d}, reply gap "
+                      f"{r['longest_reply_gap_ms']:7.1f} ms, probe send gap "
+                      f"{r['max_send_gap_ms']:5.1f} ms", flush=True)
+        line: dict[str, Any] = {"fault": fault, "interval_ms": interval_ms,
+                                "master_down_interval_ms": master_down_ms(100, interval_ms)}
+        for kind, rs in rows.items():
+            line[kind] = {"outage_ms": stats([r["outage_ms"] for r in rs]),
+                          "reply_gap_ms": stats([r["longest_reply_gap_ms"] for r in rs]),
+                          "lost": stats([r["lost"] for r in rs])}
+        if "vipd" in rows and "keepalived" in rows:
+            kd = line["keepalived"]["outage_ms"]["median"]
+            vd = line["vipd"]["outage_ms"]["median"]
+            line["ratio_vipd_keepalived"] = round(vd / kd, 3) if kd else None
+        summary.append(line)
+    print()
+    print(f"{'fault':<12}{'interval':>9}{'MDI':>9}   {'vipd outage min/med/max':<28}"
+          f"{'keepalived outage min/med/max':<32}{'ratio':>6}")
+    for s in summary:
+        def fmt(kind: str, s: dict[str, Any] = s) -> str:
+            if kind not in s:
+                return "-"
+            o = s[kind]["outage_ms"]
+            return f"{o['min']}/{o['median']}/{o['max']} ms"
+        ratio = s.get("ratio_vipd_keepalived")
+        print(f"{s['fault']:<12}{s['interval_ms']:>7} ms{s['master_down_interval_ms']:>7.0f} ms"
+              f"   {fmt('vipd'):<28}{fmt('keepalived'):<32}"
+              f"{'-' if ratio is None else ratio:>6}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs,
+                               "summary": summary, "results": results}, indent=1))
+    print(f"\nwritten to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
