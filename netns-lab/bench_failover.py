@@ -1,6 +1,6 @@
 """Failover benchmark: outage seen by a 1 ms probe through the VIPs, vipd against keepalived.
 
-    python netns-lab/bench_failover.py [--runs 7] [--intervals 1000,100,10] [--kinds vipd,keepalived]
+    python netns-lab/bench_failover.py [--runs 7] [--intervals 1000,100,10]
 
 Each run builds a fresh lab (pair topology), starts the two speakers with the same VRIDs,
 priorities (200 and 100) and advert interval, waits for r1 to be master, starts the probe

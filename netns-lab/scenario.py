@@ -7,6 +7,7 @@ like. vipd's control socket and logs live in the lab's workdir.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,12 +46,13 @@ def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
             "mode": "per-vlan-active", "vlans": vlans}
 
 
-def start_vipd(lab: Lab, router: str, config: dict[str, Any]) -> Speaker:
+def start_vipd(lab: Lab, router: str, config: dict[str, Any],
+               env: dict[str, str] | None = None) -> Speaker:
     path = lab.workdir / f"{router}.yaml"
     path.write_text(yaml.safe_dump(config))
     sock = Path(config["node"]["control_socket"])
     proc = lab.popen(router, [sys.executable, "-m", "vipd", "-c", str(path)],
-                     log=f"{router}.vipd.log")
+                     log=f"{router}.vipd.log", env={**os.environ, **(env or {})})
     wait_for(lambda: sock.exists() or proc.poll() is not None, 10, what=f"{router} vipd up")
     if proc.poll() is not None:
         raise LabError(f"vipd on {router} exited {proc.returncode}: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections import Counter
 from collections.abc import Callable
@@ -200,6 +201,11 @@ class Daemon:
     async def _attach(self, iface: Interface, info: LinkInfo) -> None:
         if iface.index != info.index:
             self._close_sockets(iface)
+        if iface.index != info.index:
+            try:
+                self.announcer.prepare(iface.name, info.index)
+            except OSError as exc:
+                log.error("%s: cannot open announcement sockets: %s", iface.name, exc)
         iface.index, iface.up, iface.mac = info.index, info.up, info.mac
         families = {k[2] for k in self.slots if k[0] == iface.name}
         for fam in sorted(families):
@@ -517,6 +523,10 @@ async def _main(cfg: Config, config_path: str, control_socket: str | None) -> in
         await daemon.close()
         return 1
     loop = asyncio.get_running_loop()
+    slow_ms = os.environ.get("VIPD_SLOW_CALLBACK_MS")
+    if slow_ms:  # diagnostics: asyncio logs every callback that blocks the loop longer
+        loop.set_debug(True)
+        loop.slow_callback_duration = float(slow_ms) / 1000
     loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
     loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(daemon)))
