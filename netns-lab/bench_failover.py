@@ -27,8 +27,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lab import Lab, Topology, wait_for  # noqa: E402
+from lab import (  # noqa: E402
+    Lab,
+    Topology,
+    cleanup_on_signals,  # noqa: E402
+    wait_for,
+)
 from scenario import (  # noqa: E402
+    AdvertWatch,
     Probe,
     holder,
     keepalived_available,
@@ -45,7 +51,9 @@ def master_down_ms(priority: int, interval_ms: int) -> float:
     return 3 * interval_ms + (256 - priority) * interval_ms / 256
 
 
-def one_run(kind: str, interval_ms: int, fault: str) -> dict[str, Any]:
+def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, Any]:
+    """One fault, made `phase` (0..1) of an advert interval after one of r1's adverts was
+    seen on lanA: the outage depends on that phase, so every kind gets the same phases."""
     with Lab(Topology.load()) as lab:
         if kind == "vipd":
             s1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, interval_ms))
@@ -58,7 +66,11 @@ def one_run(kind: str, interval_ms: int, fault: str) -> dict[str, Any]:
                  settle, what=f"{kind}: r1 master")
         time.sleep(3 * interval_ms / 1000 + 0.3)  # r2 has heard r1 and the probe warms up
         probe = Probe(lab, "client", TARGET, 1.0, 120)
+        watch = AdvertWatch(lab, "client")
         time.sleep(0.5)
+        seen = watch.wait_advert("192.0.2.11", 2 + 2 * interval_ms / 1000)
+        watch.close()
+        time.sleep(max(0.0, seen + phase * interval_ms / 1000 - time.monotonic()))
         t_fault = time.monotonic()
         if fault == "cut":
             lab.cut("r1")
@@ -75,6 +87,8 @@ def one_run(kind: str, interval_ms: int, fault: str) -> dict[str, Any]:
     worst = max(runs, key=lambda r: r["count"], default=None)
     return {
         "kind": kind, "interval_ms": interval_ms, "fault": fault,
+        "phase": round(phase, 3), "late_ms": round((t_fault - seen) * 1000 - phase * interval_ms,
+                                                   2),
         "outage_ms": worst["outage_ms"] if worst else 0.0,
         "lost": sum(r["count"] for r in runs),
         "longest_reply_gap_ms": res["longest_reply_gap_ms"],
@@ -99,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="advert interval (ms) for the planned handoff runs")
     ap.add_argument("--out", default="netns-lab/results/failover.json")
     args = ap.parse_args(argv)
+    cleanup_on_signals()
     kinds = args.kinds.split(",")
     if "keepalived" in kinds and not keepalived_available():
         print("keepalived is not installed: run scripts/bootstrap.sh", file=sys.stderr)
@@ -114,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         these = [k for k in kinds if not (fault == "maintenance" and k == "keepalived")]
         rows: dict[str, list[dict[str, Any]]] = {k: [] for k in these}
         for n in range(args.runs):
+            phase = (n + 0.5) / args.runs  # stratified, identical for every kind
             for kind in these:
-                r = one_run(kind, interval_ms, fault)
+                r = one_run(kind, interval_ms, fault, phase)
                 rows[kind].append(r)
                 results.append(r)
-                print(f"  {fault:<11} {interval_ms:>5} ms  {kind:<10} run {n + 1}: outage "
+                print(f"  {fault:<11} {interval_ms:>5} ms  {kind:<10} run {n + 1} (phase "
+                      f"{phase:.2f}): outage "
                       f"{r['outage_ms']:7.1f} ms, lost {r['lost']:4d}, reply gap "
                       f"{r['longest_reply_gap_ms']:7.1f} ms, probe send gap "
                       f"{r['max_send_gap_ms']:5.1f} ms", flush=True)

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -291,6 +293,32 @@ class Lab:
             if n.get("lladdr") and "FAILED" not in n.get("state", []):
                 return str(n["lladdr"])
         return None
+
+
+def socket_in(ns: str, family: int, kind: int, proto: int = 0) -> socket.socket:
+    """A socket created inside namespace `ns` (it stays there); this thread returns home.
+
+    Python 3.11 has no os.setns, so libc's setns(2) is called through ctypes."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    clone_newnet = 0x40000000
+    with open("/proc/self/ns/net") as home, open(f"/run/netns/{ns}") as target:
+        if libc.setns(target.fileno(), clone_newnet) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {ns}")
+        try:
+            return socket.socket(family, kind, proto)
+        finally:
+            if libc.setns(home.fileno(), clone_newnet) != 0:
+                raise OSError(ctypes.get_errno(), "setns back home")
+
+
+def cleanup_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into KeyboardInterrupt so `with Lab(...)` still tears down
+    (a background job's SIGINT is ignored, and Python dies on SIGTERM without cleanup)."""
+    def handler(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, handler)
 
 
 def _delete_ns(ns: str) -> None:

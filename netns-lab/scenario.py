@@ -6,6 +6,7 @@ like. vipd's control socket and logs live in the lab's workdir.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -142,3 +143,42 @@ class Probe:
         self.lab.procs.pop(self.proc.pid, None)
         result: dict[str, Any] = json.loads(out)
         return result
+
+
+class AdvertWatch:
+    """Sees VRRP adverts on a host's segment (AF_PACKET socket made in the host's
+    namespace), so a benchmark can make its fault at a known phase of the advert cycle."""
+
+    def __init__(self, lab: Lab, host: str, ifname: str = "eth0") -> None:
+        import socket
+
+        from lab import socket_in
+
+        self.sock = socket_in(lab.ns(host), socket.AF_PACKET, socket.SOCK_DGRAM,
+                              socket.htons(0x0800))
+        self.sock.bind((ifname, 0x0800))
+        self.sock.settimeout(0.05)
+
+    def wait_advert(self, src: str, timeout: float) -> float:
+        """Block until an advert from `src` arrives; return its arrival (monotonic)."""
+        import ipaddress
+
+        want = ipaddress.IPv4Address(src).packed
+        deadline = time.monotonic() + timeout
+        # drop what queued up before: the phase must be taken from a fresh advert
+        self.sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while self.sock.recv(2048):
+                pass
+        self.sock.settimeout(0.05)
+        while time.monotonic() < deadline:
+            try:
+                data = self.sock.recv(2048)
+            except TimeoutError:
+                continue
+            if len(data) >= 20 and data[9] == 112 and data[12:16] == want:
+                return time.monotonic()
+        raise TimeoutError(f"no advert from {src} in {timeout} s")
+
+    def close(self) -> None:
+        self.sock.close()

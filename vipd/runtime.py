@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ from vipd.status import RouterView, snapshot
 log = logging.getLogger("vipd")
 
 SocketFactory = Callable[[str, int, int], VrrpTransport]
+PRECISE_LEAD_S = 0.0015
 Key = tuple[str, int, int]  # interface, vrid, family
 
 
@@ -315,6 +317,13 @@ class Daemon:
         slot.timer = None
         if self.slots.get(slot.key) is not slot and not slot.router.holding_vips:
             return
+        down = slot.router.master_down_timer
+        if down is not None and slot.router.get_timer() == down:
+            # Armed PRECISE_LEAD_S early (see _rearm); finish the wait exactly. Only the
+            # rare takeover pays this short blocking sleep, never the periodic adverts.
+            early = float(down) - self._loop.time()
+            if early > 0:
+                time.sleep(early)
         self._apply(slot, slot.router.handle_timer(self.now()))
 
     def _rearm(self, slot: Slot) -> None:
@@ -322,8 +331,14 @@ class Daemon:
             slot.timer.cancel()
             slot.timer = None
         deadline = slot.router.get_timer()
-        if deadline is not None:
-            slot.timer = self._loop.call_at(float(deadline), self._on_timer, slot)
+        if deadline is None:
+            return
+        when = float(deadline)
+        if deadline == slot.router.master_down_timer:
+            # asyncio's epoll wait rounds up to whole milliseconds: a takeover would start
+            # up to 1 ms late. Wake a little early and sleep the rest precisely.
+            when -= PRECISE_LEAD_S
+        slot.timer = self._loop.call_at(when, self._on_timer, slot)
 
     # ------------------------------------------------------------ actions
 
