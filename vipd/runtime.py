@@ -111,7 +111,8 @@ def build_slots(cfg: Config) -> dict[Key, Slot]:
 class Daemon:
     def __init__(self, cfg: Config, *, rtnl: Rtnl, open_socket: SocketFactory,
                  announcer: Announcer, control_socket: str | None = None,
-                 config_path: str | None = None) -> None:
+                 config_path: str | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.rtnl = rtnl
@@ -126,10 +127,12 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._control: ControlServer | None = None
         self._loop = asyncio.get_running_loop()
+        # The loop's monotonic clock, unless a test drives time itself.
+        self._clock = clock or self._loop.time
         self._started = self.now()
 
     def now(self) -> Fraction:
-        return Fraction(self._loop.time())
+        return Fraction(self._clock())
 
     # ------------------------------------------------------------ lifecycle
 
@@ -321,7 +324,7 @@ class Daemon:
         if down is not None and slot.router.get_timer() == down:
             # Armed PRECISE_LEAD_S early (see _rearm); finish the wait exactly. Only the
             # rare takeover pays this short blocking sleep, never the periodic adverts.
-            early = float(down) - self._loop.time()
+            early = float(down) - self._clock()
             if early > 0:
                 time.sleep(early)
         self._apply(slot, slot.router.handle_timer(self.now()))

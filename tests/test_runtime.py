@@ -1,0 +1,201 @@
+"""The driver with fake adapters and a driven clock: no root, no sockets, no waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Address, ip_interface
+from pathlib import Path
+from typing import Any
+
+from vipd.config import loads
+from vipd.core.packet import (
+    VRRP_GROUP_V4,
+    ChecksumVariant,
+    DropReason,
+    IpMeta,
+    decode,
+    encode_v3,
+)
+from vipd.io.announce import FakeAnnouncer
+from vipd.io.rtnl import FakeRtnl, LinkInfo
+from vipd.io.vrrp_socket import FakeVrrpTransport
+from vipd.runtime import Daemon
+
+CONFIG = """
+node: {name: r1, control_socket: SOCK}
+mode: per-vlan-active
+vlans:
+  - name: lan-a
+    interface: lanA
+    instances:
+      - {vrid: 51, priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]}
+"""
+PEER = IPv4Address("192.0.2.12")
+ME = IPv4Address("192.0.2.11")
+
+
+class World:
+    def __init__(self, tmp: Path) -> None:
+        self.t = 1e9  # far beyond the loop clock: real timers never fire, fire() drives
+        self.rtnl = FakeRtnl()
+        self.rtnl.links["lanA"] = LinkInfo(7, "lanA", True, "02:00:00:00:00:11")
+        self.rtnl.addrs[7] = [(ip_interface("192.0.2.11/24"), 0)]
+        self.sockets: dict[tuple[str, int], FakeVrrpTransport] = {}
+        self.announcer = FakeAnnouncer()
+        self.sock_path = str(tmp / "vipd.sock")
+        self.cfg = loads(CONFIG.replace("SOCK", self.sock_path))
+
+    def open_socket(self, ifname: str, index: int, family: int) -> FakeVrrpTransport:
+        s = self.sockets[ifname, family] = FakeVrrpTransport(ifname, family)
+        return s
+
+    async def daemon(self) -> Daemon:
+        d = Daemon(self.cfg, rtnl=self.rtnl, open_socket=self.open_socket,
+                   announcer=self.announcer, clock=lambda: self.t)
+        await d.start()
+        return d
+
+    def deliver(self, d: Daemon, payload: bytes, src: IPv4Address = PEER, ttl: int = 255) -> None:
+        sock = self.sockets["lanA", 4]
+        sock.inbox.append((payload, IpMeta(4, src, VRRP_GROUP_V4, ttl)))
+        d._on_readable(d.ifaces["lanA"], 4)
+
+
+def advert(priority: int, addrs: tuple[str, ...] = ("192.0.2.1",), vrid: int = 51) -> bytes:
+    return encode_v3(vrid=vrid, priority=priority, max_adver_int_cs=10,
+                     addresses=[IPv4Address(a) for a in addrs], src=PEER)
+
+
+def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]]) -> None:
+    async def main() -> None:
+        w = World(tmp)
+        d = await w.daemon()
+        try:
+            await body(w, d)
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def fire(w: World, d: Daemon) -> None:
+    """Jump the clock to the router's next deadline and run its timer."""
+    slot = next(iter(d.slots.values()))
+    deadline = slot.router.get_timer()
+    assert deadline is not None
+    w.t = float(deadline) + 1e-6
+    d._on_timer(slot)
+
+
+def test_startup_backup_then_master_with_vips_advert_and_garp(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        st = d.status()["instances"][0]
+        assert st["state"] == "BACKUP" and st["primary_address"] == "192.0.2.11"
+        assert w.announcer.prepared == ["lanA"]
+        fire(w, d)
+        await asyncio.sleep(0)  # let the queued VIP install run
+        await asyncio.sleep(0)
+        assert d.status()["instances"][0]["state"] == "MASTER"
+        assert ip_interface("192.0.2.1/24") in [a for a, _ in w.rtnl.addrs[7]]
+        payload, src = w.sockets["lanA", 4].sent[0]
+        adv = decode(payload, IpMeta(4, src, VRRP_GROUP_V4, 255))
+        assert (src, adv.priority, adv.checksum_variant) == (ME, 150,
+                                                             ChecksumVariant.PSEUDO_HEADER)
+        assert w.announcer.rounds == [("lanA", (IPv4Address("192.0.2.1"),))]
+
+    run(tmp_path, body)
+
+
+def test_receive_path_counts_every_drop_reason(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        w.deliver(d, advert(200), ttl=64)
+        w.deliver(d, advert(200), src=ME)  # our own address: looped back
+        w.deliver(d, advert(200, vrid=99))
+        w.deliver(d, advert(200, ("192.0.2.1", "192.0.2.9")))
+        w.deliver(d, b"\x31\x33")
+        w.deliver(d, advert(200))
+        st = d.status()
+        iface = st["interfaces"][0]["drops"]["IPv4"]
+        assert iface == {"ttl": 1, "own_packet": 1, "unknown_vrid": 1, "length": 1}
+        inst = st["instances"][0]
+        assert inst["drops"] == {DropReason.ADDRESS_MISMATCH.value: 1}
+        assert inst["adverts_received"] == 1 and inst["master"] == str(PEER)
+
+    run(tmp_path, body)
+
+
+def test_leftover_vips_removed_at_start(tmp_path: Path) -> None:
+    async def main() -> None:
+        w = World(tmp_path)
+        w.rtnl.addrs[7].append((ip_interface("192.0.2.1/24"), 1))
+        d = await w.daemon()
+        assert [str(a) for a, _ in w.rtnl.addrs[7]] == ["192.0.2.11/24"]
+        await d.close()
+
+    asyncio.run(main())
+
+
+def test_failed_sends_give_up_mastership(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        fire(w, d)
+        assert d.status()["instances"][0]["state"] == "MASTER"
+        w.sockets["lanA", 4].fail_sends = True
+        states = []
+        for _ in range(10):  # advert timers, with announcement rounds in between
+            fire(w, d)
+            st = d.status()["instances"][0]
+            states.append((st["io_failures"], st["state"]))
+            if st["state"] == "FAULT":
+                break
+        assert states[-1] == (3, "FAULT") and (2, "MASTER") in states
+        assert st["last_transition"]["cause"] == "3 send failures"
+        assert not d.status()["healthy"]
+
+    run(tmp_path, body)
+
+
+def test_link_down_is_fault_and_up_rejoins(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        await asyncio.sleep(0)
+        assert d.status()["instances"][0]["state"] == "FAULT"
+        d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert d.status()["instances"][0]["state"] == "BACKUP"
+
+    run(tmp_path, body)
+
+
+def _ask(path: str, lines: list[bytes]) -> list[dict[str, Any]]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(path)
+        s.sendall(b"".join(lines))
+        buf = b""
+        while buf.count(b"\n") < len(lines):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+    return [json.loads(x) for x in buf.splitlines()]
+
+
+def test_control_socket_replies_and_errors(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        import os
+
+        assert os.stat(w.sock_path).st_mode & 0o777 == 0o600
+        replies = await asyncio.get_running_loop().run_in_executor(None, _ask, w.sock_path, [
+            b'{"command": "status"}\n', b"nonsense\n", b'["status"]\n',
+            b'{"command": "maintenance", "on": "yes"}\n', b'{"command": "launch"}\n',
+            b'{"command": "maintenance", "on": true}\n'])
+        assert replies[0]["ok"] and replies[0]["status"]["node"] == "r1"
+        assert [r.get("error", {}).get("code") for r in replies[1:5]] == [
+            "bad_json", "bad_request", "bad_request", "unknown_command"]
+        assert replies[5] == {"ok": True, "maintenance": True}
+        assert d.status()["instances"][0]["maintenance"] is True
+
+    run(tmp_path, body)
