@@ -279,13 +279,23 @@ class Lab:
 
     # ------------------------------------------------------------ observation
 
-    def addresses(self, node: str, ifname: str) -> set[str]:
-        out = self.run(node, ["ip", "-j", "addr", "show", "dev", ifname]).stdout
+    def addresses(self, node: str, ifname: str | None = None) -> set[str]:
+        """Addresses on one interface of a node, or on all of them."""
+        out = self.run(node, ["ip", "-j", "addr", "show"]
+                       + (["dev", ifname] if ifname else [])).stdout
         return {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
 
     def mac(self, node: str, ifname: str) -> str:
         out = self.run(node, ["ip", "-j", "link", "show", "dev", ifname]).stdout
         return str(json.loads(out)[0]["address"])
+
+    def fdb_port(self, mac: str) -> str | None:
+        """The switch port a MAC was learned on."""
+        out = self.run("sw", ["bridge", "-j", "fdb", "show"]).stdout
+        for e in json.loads(out or "[]"):
+            if e.get("mac") == mac and "ifname" in e and "master" in e:
+                return str(e["ifname"])
+        return None
 
     def neighbour(self, node: str, address: str) -> str | None:
         out = self.run(node, ["ip", "-j", "neigh", "show", address]).stdout

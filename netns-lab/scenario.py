@@ -34,7 +34,7 @@ class Speaker:
 
 def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
                 families: tuple[str, ...] = ("ipv4",), preempt: bool = True,
-                garp_count: int = 3) -> dict[str, Any]:
+                garp_count: int = 3, virtual_mac: bool = False) -> dict[str, Any]:
     vlans = []
     for i, vlan in enumerate(lab.topo.vlans):
         vips = [str(lab.topo.vip(vlan, fam)) for fam in families
@@ -42,7 +42,8 @@ def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
         vlans.append({"name": vlan, "interface": vlan, "instances": [{
             "vrid": VRID_BASE + 1 + i, "priority": priority,
             "advert_interval": f"{interval_ms}ms", "version": 3, "preempt": preempt,
-            "garp": {"count": garp_count, "interval": "100ms"}, "vips": vips}]})
+            "garp": {"count": garp_count, "interval": "100ms"}, "vips": vips,
+            **({"virtual_mac": True} if virtual_mac else {})}]})
     return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
             "mode": "per-vlan-active", "vlans": vlans}
 
@@ -113,8 +114,9 @@ def start_keepalived(lab: Lab, router: str, priority: int, interval_ms: int) -> 
 
 
 def has_vip(lab: Lab, router: str, vlan: str, fam: str = "ipv4") -> bool:
+    """The VLAN's VIP is on the router (on the VLAN interface or its virtual MAC macvlan)."""
     vip = lab.topo.vip(vlan, fam)
-    return str(vip.ip) in lab.addresses(router, vlan)
+    return str(vip.ip) in lab.addresses(router)
 
 
 def holder(lab: Lab, vlan: str, fam: str = "ipv4") -> list[str]:

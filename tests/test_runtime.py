@@ -199,3 +199,50 @@ def test_control_socket_replies_and_errors(tmp_path: Path) -> None:
         assert d.status()["instances"][0]["maintenance"] is True
 
     run(tmp_path, body)
+
+
+def test_virtual_mac_macvlan_sysctls_and_master_actions(tmp_path: Path) -> None:
+    from vipd.io.vmac import FakeSysctl
+
+    async def main() -> None:
+        w = World(tmp_path)
+        w.cfg = loads(CONFIG.replace("SOCK", w.sock_path).replace(
+            "vips: [192.0.2.1/24]}", "vips: [192.0.2.1/24], virtual_mac: true}"))
+        sysctl = FakeSysctl()
+        links: list[tuple[str, bool]] = []
+        sent: dict[str, FakeVrrpTransport] = {}
+
+        def send_socket(name: str, index: int, family: int) -> FakeVrrpTransport:
+            sent[name] = FakeVrrpTransport(name, family)
+            return sent[name]
+
+        d = Daemon(w.cfg, rtnl=w.rtnl, open_socket=w.open_socket, announcer=w.announcer,
+                   clock=lambda: w.t, sysctl=sysctl, open_send_socket=send_socket,
+                   set_link_up=lambda name, up: links.append((name, up)))
+        await d.start()
+        try:
+            vm = w.rtnl.links["vmac7.51"]
+            assert vm.mac == "00:00:5e:00:01:33"
+            assert sysctl.values == {
+                "net/ipv4/conf/lanA/arp_ignore": "1",
+                "net/ipv4/conf/vmac7.51/arp_ignore": "1",
+                "net/ipv4/conf/vmac7.51/arp_announce": "2",
+                "net/ipv6/conf/vmac7.51/disable_ipv6": "1"}
+            assert links == []  # down while not master
+            fire(w, d)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert links == [("vmac7.51", True)]
+            assert [str(a) for a, _ in w.rtnl.addrs[vm.index]] == ["192.0.2.1/24"]
+            assert w.sockets["lanA", 4].sent == [] and len(sent["vmac7.51"].sent) == 1
+            assert w.announcer.rounds == [("vmac7.51", (IPv4Address("192.0.2.1"),))]
+            # a higher priority master: VIPs off the macvlan, then the macvlan down
+            w.deliver(d, advert(200))
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert w.rtnl.addrs[vm.index] == [] and links[-1] == ("vmac7.51", False)
+        finally:
+            await d.close()
+        assert "vmac7.51" not in w.rtnl.links  # removed at exit
+
+    asyncio.run(main())

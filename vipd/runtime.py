@@ -32,6 +32,7 @@ from vipd.config import (
     link_local_vips,
     load,
     router_configs,
+    virtual_mac,
 )
 from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert
 from vipd.core.packet import (
@@ -49,6 +50,14 @@ from vipd.core.router import OWNER_PRIORITY, RouterConfig, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
 from vipd.io.rtnl import LinkInfo, Rtnl, primary_address
+from vipd.io.vmac import (
+    ProcSysctl,
+    Sysctl,
+    parent_sysctls,
+    vmac_name,
+    vmac_sysctls,
+)
+from vipd.io.vmac import set_link_up as vmac_link_up
 from vipd.io.vrrp_socket import VrrpTransport
 from vipd.status import RouterView, snapshot
 
@@ -73,6 +82,16 @@ class Interface:
 
 
 @dataclass
+class Vmac:
+    """The macvlan that carries a virtual router's virtual MAC (vipd.io.vmac)."""
+
+    name: str
+    index: int
+    mac: str
+    sock: VrrpTransport
+
+
+@dataclass
 class Slot:
     """One virtual router in the daemon: the core plus what the driver needs around it."""
 
@@ -83,6 +102,7 @@ class Slot:
     drops: Counter[DropReason] = field(default_factory=Counter)
     timer: asyncio.TimerHandle | None = None
     addr_task: asyncio.Future[None] | None = None
+    vmac: Vmac | None = None
 
     @property
     def key(self) -> Key:
@@ -112,12 +132,18 @@ class Daemon:
     def __init__(self, cfg: Config, *, rtnl: Rtnl, open_socket: SocketFactory,
                  announcer: Announcer, control_socket: str | None = None,
                  config_path: str | None = None,
-                 clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None,
+                 sysctl: Sysctl | None = None,
+                 open_send_socket: SocketFactory | None = None,
+                 set_link_up: Callable[[str, bool], None] = vmac_link_up) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.rtnl = rtnl
         self.open_socket = open_socket
         self.announcer = announcer
+        self.sysctl = sysctl or ProcSysctl()
+        self.open_send_socket = open_send_socket or self._default_send_socket
+        self.set_link_up = set_link_up
         self.control_path = control_socket or cfg.node.control_socket
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
@@ -144,6 +170,9 @@ class Daemon:
         self.slots = build_slots(self.cfg)
         for slot in self.slots.values():
             await self._ensure_interface(slot.vlan.interface)
+        for slot in self.slots.values():
+            if slot.inst.virtual_mac:
+                await self._setup_vmac(slot)
         await self._remove_leftovers(self.slots.values())
         self._control = ControlServer(self.control_path, self._handle_request,
                                       self.cfg.node.control_socket_mode)
@@ -184,11 +213,52 @@ class Daemon:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        for slot in self.slots.values():
+            await self._drop_vmac(slot)
         for iface in self.ifaces.values():
             self._close_sockets(iface)
         if self._control:
             await self._control.stop()
         await self.rtnl.close()
+
+    # ------------------------------------------------------------ virtual MAC
+
+    @staticmethod
+    def _default_send_socket(name: str, index: int, family: int) -> VrrpTransport:
+        from vipd.io.vrrp_socket import VrrpSocket
+
+        return VrrpSocket(name, index, family, send_only=True)
+
+    async def _setup_vmac(self, slot: Slot) -> None:
+        iface = self.ifaces[slot.vlan.interface]
+        c = slot.router.config
+        if iface.index is None:
+            raise OSError(f"{c.name}: virtual_mac needs {iface.name} to exist at start")
+        name, mac = vmac_name(iface.index, c.vrid), virtual_mac(c.vrid, c.family)
+        for path, value in parent_sysctls(iface.name).items():
+            self.sysctl.set_checked(path, value)
+        try:
+            info = await self.rtnl.create_macvlan(iface.index, name, mac)
+        except Exception as exc:
+            raise OSError(f"{c.name}: cannot create macvlan {name} for the virtual MAC "
+                          f"(is macvlan in this kernel?): {exc}") from exc
+        for path, value in vmac_sysctls(name).items():
+            self.sysctl.set_checked(path, value)
+        sock = self.open_send_socket(name, info.index, c.family)
+        self.announcer.prepare(name, info.index)
+        slot.vmac = Vmac(name, info.index, mac, sock)
+        log.info("%s: virtual MAC %s on %s", c.name, mac, name)
+
+    async def _drop_vmac(self, slot: Slot) -> None:
+        if slot.vmac is None:
+            return
+        if slot.addr_task is not None:  # let a queued VIP removal finish on the macvlan
+            with contextlib.suppress(Exception):
+                await slot.addr_task
+        vm, slot.vmac = slot.vmac, None
+        vm.sock.close()
+        with contextlib.suppress(Exception):
+            await self.rtnl.delete_link(vm.name)
 
     # ------------------------------------------------------------ interfaces
 
@@ -350,6 +420,8 @@ class Daemon:
             if isinstance(act, SendAdvert):
                 self._send_advert(slot, act)
             elif isinstance(act, AddVips):
+                if slot.vmac is not None and not self._vmac_up(slot, True):
+                    continue
                 self._queue_addr(slot, add=True)
             elif isinstance(act, RemoveVips):
                 if slot.router.config.priority != OWNER_PRIORITY:  # never our real address
@@ -358,10 +430,22 @@ class Daemon:
                 self._announce(slot)
         self._rearm(slot)
 
+    def _vmac_up(self, slot: Slot, up: bool) -> bool:
+        assert slot.vmac is not None
+        try:
+            self.set_link_up(slot.vmac.name, up)
+            return True
+        except OSError as exc:
+            log.warning("%s: cannot set %s %s: %s", slot.router.config.name, slot.vmac.name,
+                        "up" if up else "down", exc)
+            if up:
+                self._apply(slot, slot.router.report_io(self.now(), False, "VIP install"))
+            return False
+
     def _send_advert(self, slot: Slot, act: SendAdvert) -> None:
         c: RouterConfig = slot.router.config
         iface = self.ifaces[slot.vlan.interface]
-        sock = iface.sockets.get(c.family)
+        sock = slot.vmac.sock if slot.vmac else iface.sockets.get(c.family)
         src = iface.primary.get(c.family)
         ok = True
         if sock is None or src is None:
@@ -391,9 +475,11 @@ class Daemon:
         iface = self.ifaces[slot.vlan.interface]
         if iface.index is None:
             return
+        name, index, mac = iface.name, iface.index, iface.mac
+        if slot.vmac is not None:
+            name, index, mac = slot.vmac.name, slot.vmac.index, slot.vmac.mac
         try:
-            self.announcer.announce(iface.name, iface.index, iface.mac,
-                                    slot.router.config.addresses)
+            self.announcer.announce(name, index, mac, slot.router.config.addresses)
         except OSError as exc:
             log.warning("%s: announce failed: %s", slot.router.config.name, exc)
 
@@ -407,14 +493,17 @@ class Daemon:
                 await prev
         iface = self.ifaces[slot.vlan.interface]
         name = slot.router.config.name
+        index = slot.vmac.index if slot.vmac else iface.index
         try:
-            if iface.index is None:
+            if index is None:
                 raise OSError("interface missing")
             for vip in slot.vips:
                 if add:
-                    await self.rtnl.add_address(iface.index, vip)
+                    await self.rtnl.add_address(index, vip)
                 else:
-                    await self.rtnl.del_address(iface.index, vip)
+                    await self.rtnl.del_address(index, vip)
+            if not add and slot.vmac is not None:
+                self._vmac_up(slot, False)  # a backup never sends from the virtual MAC
         except Exception as exc:  # netlink errors come in several types
             log.warning("%s: VIP %s failed: %s", name, "install" if add else "removal", exc)
             if add:
@@ -465,6 +554,7 @@ class Daemon:
                 continue
             self._apply(old, old.router.shutdown(now, "reload"))
             self._apply(old, old.router.release_now())  # its replacement starts afresh
+            await self._drop_vmac(old)
             changed += 1
         self.cfg = new_cfg
         added = [s for k, s in new_slots.items() if self.slots.get(k) is not s]
@@ -472,6 +562,8 @@ class Daemon:
         for slot in added:
             await self._ensure_interface(slot.vlan.interface)
             await self._attach_existing(slot)
+            if slot.inst.virtual_mac:
+                await self._setup_vmac(slot)
         await self._remove_leftovers([s for s in added if not s.router.holding_vips])
         for slot in added:
             self._start_slot(slot, "reload")

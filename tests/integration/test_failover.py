@@ -178,3 +178,26 @@ def test_vipctl_exit_codes_and_bad_requests(lab: Lab) -> None:
     assert vipctl(lab, r1, "status").returncode == 0  # still alive
     lab.cut("r1")
     wait_for(lambda: vipctl(lab, r1, "status").returncode == 1, 3, what="degraded exit code")
+
+
+def test_virtual_mac_keeps_the_clients_arp_entry(lab: Lab) -> None:
+    vmac = "00:00:5e:00:01:33"
+    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS, virtual_mac=True))
+    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, INTERVAL_MS, virtual_mac=True))
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
+             what="r1 elected")
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "198.51.100.100"])
+    assert lab.neighbour("client", "192.0.2.1") == vmac
+    assert lab.fdb_port(vmac) == "r1-lanA"
+    lab.cut("r1")
+    wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="VIP on r2")
+    # the switch learns the virtual MAC on r2's port from its gratuitous ARP; the client's
+    # ARP entry never had to change
+    wait_for(lambda: lab.fdb_port(vmac) == "r2-lanA", 3, what="switch relearns the VMAC")
+    assert lab.neighbour("client", "192.0.2.1") == vmac
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "198.51.100.100"])
+    ifindex = lab.run("r2", ["cat", "/sys/class/net/lanA/ifindex"]).stdout.strip()
+    assert "192.0.2.1" in lab.addresses("r2", f"vmac{ifindex}.51")
+    assert "192.0.2.1" not in lab.addresses("r2", "lanA")
+    assert lab.mac("r2", f"vmac{ifindex}.51") == vmac

@@ -48,6 +48,8 @@ class Rtnl(Protocol):
     async def add_address(self, index: int, addr: IPInterface) -> None: ...
     async def del_address(self, index: int, addr: IPInterface) -> None: ...
     async def watch(self, callback: LinkCallback) -> None: ...
+    async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo: ...
+    async def delete_link(self, name: str) -> None: ...
 
 
 def _link_info(msg: Any) -> LinkInfo:
@@ -121,6 +123,24 @@ class PyrouteRtnl:
             if getattr(exc, "code", None) not in (errno.EADDRNOTAVAIL, errno.ENODEV):
                 raise
 
+    async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo:
+        """A private-mode macvlan (left down), replacing a stale one of the same name."""
+        await self.delete_link(name)
+        async with self._lock:
+            await self._ipr.link("add", ifname=name, kind="macvlan", link=parent,
+                                 macvlan_mode="private", address=mac)
+        info = await self.link(name)
+        if info is None:
+            raise OSError(errno.ENODEV, f"{name} vanished after creation")
+        return info
+
+    async def delete_link(self, name: str) -> None:
+        info = await self.link(name)
+        if info is None:
+            return
+        async with self._lock:
+            await self._ipr.link("del", index=info.index)
+
     async def watch(self, callback: LinkCallback) -> None:
         from pyroute2 import AsyncIPRoute
 
@@ -188,6 +208,14 @@ class FakeRtnl:
     async def watch(self, callback: LinkCallback) -> None:
         self.callback = callback
         await asyncio.Event().wait()
+
+    async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo:
+        info = LinkInfo(100 + len(self.links), name, False, mac)
+        self.links[name] = info
+        return info
+
+    async def delete_link(self, name: str) -> None:
+        self.links.pop(name, None)
 
     def set_link(self, name: str, up: bool) -> None:
         info = self.links[name]

@@ -32,16 +32,21 @@ class VrrpTransport(Protocol):
 
 
 class VrrpSocket:
-    def __init__(self, ifname: str, ifindex: int, family: int) -> None:
+    def __init__(self, ifname: str, ifindex: int, family: int, send_only: bool = False) -> None:
+        """`send_only`: no group membership and a drop-everything socket filter (the
+        advert socket of a virtual MAC; receiving stays with the parent's socket)."""
         self.ifname, self.ifindex, self.family = ifname, ifindex, family
         af = socket.AF_INET if family == 4 else socket.AF_INET6
         s = socket.socket(af, socket.SOCK_RAW, IPPROTO_VRRP)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            if send_only:
+                _drop_all(s)
             if family == 4:
                 mreqn = struct.pack("=4s4si", VRRP_GROUP_V4.packed, b"\0" * 4, ifindex)
-                s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
+                if not send_only:
+                    s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
@@ -91,6 +96,19 @@ class VrrpSocket:
             info = src.packed + struct.pack("=I", self.ifindex)
             self._sock.sendmsg([payload], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)],
                                0, (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
+
+
+SO_ATTACH_FILTER = 26
+BPF_RET_K = 0x06
+
+
+def _drop_all(s: socket.socket) -> None:
+    """Attach a one-instruction classic BPF program: `ret #0` (accept nothing)."""
+    import ctypes
+
+    prog = ctypes.create_string_buffer(struct.pack("=HBBI", BPF_RET_K, 0, 0, 0))
+    fprog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(prog))
+    s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
 
 
 def parse_ipv4(data: bytes) -> tuple[bytes, IpMeta] | None:
