@@ -192,6 +192,7 @@ def test_virtual_mac_keeps_the_clients_arp_entry(lab: Lab) -> None:
     assert lab.fdb_port(vmac) == "r1-lanA"
     lab.cut("r1")
     wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="VIP on r2")
+    assert set(states(lab, r1)) == {"FAULT"}
     # the switch learns the virtual MAC on r2's port from its gratuitous ARP; the client's
     # ARP entry never had to change
     wait_for(lambda: lab.fdb_port(vmac) == "r2-lanA", 3, what="switch relearns the VMAC")
