@@ -67,13 +67,14 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
         time.sleep(3 * interval_ms / 1000 + 0.3)  # r2 has heard r1 and the probe warms up
         probe = Probe(lab, "client", TARGET, 1.0, 120)
         watch = AdvertWatch(lab, "client")
+        cut = lab.prepare_cut("r1") if fault == "cut" else None
         time.sleep(0.5)
         seen = watch.wait_advert("192.0.2.11", 2 + 2 * interval_ms / 1000)
         watch.close()
         time.sleep(max(0.0, seen + phase * interval_ms / 1000 - time.monotonic()))
         t_fault = time.monotonic()
-        if fault == "cut":
-            lab.cut("r1")
+        if cut is not None:
+            cut()
         elif fault == "sigterm":
             s1.proc.send_signal(15)
         elif fault == "maintenance":

@@ -270,6 +270,22 @@ class Lab:
         run(["ip", "-n", self.switch, "-batch", "-"],
             input="".join(f"link set {p} {state}\n" for p in ports))
 
+    def prepare_cut(self, node: str, include_sync: bool = True) -> Callable[[], None]:
+        """A cut ready to fire: `ip -batch` already running, so firing costs a pipe write
+        instead of a process start (benchmarks time the fault to a fraction of a ms)."""
+        ports = [p for p in self.ports_of(node) if include_sync or not p.endswith("-sync")]
+        proc = subprocess.Popen(["ip", "-n", self.switch, "-batch", "-"],
+                                stdin=subprocess.PIPE, text=True)
+
+        def fire() -> None:
+            assert proc.stdin is not None
+            proc.stdin.write("".join(f"link set {p} down\n" for p in ports))
+            proc.stdin.close()
+            if proc.wait(10) != 0:
+                raise LabError(f"cutting {node} failed")
+
+        return fire
+
     def cut(self, node: str, include_sync: bool = True) -> None:
         """Cut a node off: all its switch-side ports down in one batch."""
         self._ports(node, "down", include_sync)
