@@ -264,9 +264,12 @@ class Lab:
 
     # ------------------------------------------------------------ faults
 
-    def _ports(self, node: str, state: str, include_sync: bool) -> None:
+    def _ports(self, node: str, state: str, include_sync: bool,
+               segments: Sequence[str] | None = None) -> None:
         ports = [p for p in self.ports_of(node)
                  if include_sync or not p.endswith("-sync")]
+        if segments is not None:
+            ports = [self.port(node, seg) for seg in segments]
         run(["ip", "-n", self.switch, "-batch", "-"],
             input="".join(f"link set {p} {state}\n" for p in ports))
 
@@ -286,12 +289,15 @@ class Lab:
 
         return fire
 
-    def cut(self, node: str, include_sync: bool = True) -> None:
-        """Cut a node off: all its switch-side ports down in one batch."""
-        self._ports(node, "down", include_sync)
+    def cut(self, node: str, include_sync: bool = True,
+            segments: Sequence[str] | None = None) -> None:
+        """Cut a node off: all its switch-side ports (or those of `segments`) down in one
+        batch."""
+        self._ports(node, "down", include_sync, segments)
 
-    def restore(self, node: str, include_sync: bool = True) -> None:
-        self._ports(node, "up", include_sync)
+    def restore(self, node: str, include_sync: bool = True,
+                segments: Sequence[str] | None = None) -> None:
+        self._ports(node, "up", include_sync, segments)
 
     # ------------------------------------------------------------ observation
 

@@ -34,7 +34,8 @@ class Speaker:
 
 def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
                 families: tuple[str, ...] = ("ipv4",), preempt: bool = True,
-                garp_count: int = 3, virtual_mac: bool = False) -> dict[str, Any]:
+                garp_count: int = 3, virtual_mac: bool = False,
+                mode: str = "per-vlan-active") -> dict[str, Any]:
     vlans = []
     for i, vlan in enumerate(lab.topo.vlans):
         vips = [str(lab.topo.vip(vlan, fam)) for fam in families
@@ -45,7 +46,7 @@ def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
             "garp": {"count": garp_count, "interval": "100ms"}, "vips": vips,
             **({"virtual_mac": True} if virtual_mac else {})}]})
     return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
-            "mode": "per-vlan-active", "vlans": vlans}
+            "mode": mode, "vlans": vlans}
 
 
 def start_vipd(lab: Lab, router: str, config: dict[str, Any],

@@ -314,3 +314,15 @@ def test_fuzz_mutated_golden(base: str, edits: list[tuple[int, int]], cut: int) 
         decode(data, meta)
     except DecodeError as exc:
         assert isinstance(exc.reason, DropReason)
+
+
+@given(vrid=st.integers(1, 255), prio=st.integers(0, 255), adv=st.integers(1, 255),
+       n=st.integers(1, 30), auth=st.sampled_from([0, 1, 2]), data=st.binary(max_size=8))
+def test_v2_round_trip(vrid: int, prio: int, adv: int, n: int, auth: int, data: bytes) -> None:
+    addrs = [IPv4Address(f"203.0.113.{i + 1}") for i in range(n)]
+    raw = encode_v2(vrid=vrid, priority=prio, adver_int_s=adv, addresses=addrs,
+                    auth_type=auth, auth_data=data)
+    got = decode(raw, META4)
+    assert (got.version, got.vrid, got.priority, got.adver_int_s, list(got.addresses),
+            got.auth_type, got.auth_data) == (2, vrid, prio, adv, addrs, auth,
+                                              data.ljust(8, b"\0"))

@@ -246,3 +246,73 @@ def test_virtual_mac_macvlan_sysctls_and_master_actions(tmp_path: Path) -> None:
         assert "vmac7.51" not in w.rtnl.links  # removed at exit
 
     asyncio.run(main())
+
+
+TWO_VLANS = """
+node: {name: r1, control_socket: SOCK}
+mode: MODE
+vlans:
+  - name: lan-a
+    interface: lanA
+    instances: [{vrid: 51, priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]}]
+  - name: lan-b
+    interface: lanB
+    instances: [{vrid: 52, priority: 150, advert_interval: 100ms, vips: [198.51.100.1/24]}]
+"""
+
+
+def _two_vlan_world(tmp: Path, mode: str) -> World:
+    w = World(tmp)
+    w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
+    w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
+    w.cfg = loads(TWO_VLANS.replace("SOCK", w.sock_path).replace("MODE", mode))
+    return w
+
+
+def _master_all(w: World, d: Daemon) -> None:
+    for slot in d.slots.values():
+        deadline = slot.router.get_timer()
+        assert deadline is not None
+        w.t = max(w.t, float(deadline) + 1e-6)
+    for slot in d.slots.values():
+        d._on_timer(slot)
+
+
+def test_single_active_group_fault_drains_the_other_vlans(tmp_path: Path) -> None:
+    async def main() -> None:
+        w = _two_vlan_world(tmp_path, "single-active")
+        d = await w.daemon()
+        try:
+            _master_all(w, d)
+            assert [i["state"] for i in d.status()["instances"]] == ["MASTER", "MASTER"]
+            d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+            await asyncio.sleep(0)
+            st = {i["vlan"]: i for i in d.status()["instances"]}
+            assert st["lan-a"]["state"] == "FAULT"
+            assert (st["lan-b"]["state"], st["lan-b"]["drains"],
+                    st["lan-b"]["priority_zero_sent"]) == ("BACKUP", ["group fault"], 1)
+            d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            st = {i["vlan"]: i for i in d.status()["instances"]}
+            assert [(s["state"], s["drains"]) for s in st.values()] == [
+                ("BACKUP", []), ("BACKUP", [])]
+        finally:
+            await d.close()
+
+    asyncio.run(main())
+
+
+def test_per_vlan_active_leaves_the_other_vlans_alone(tmp_path: Path) -> None:
+    async def main() -> None:
+        w = _two_vlan_world(tmp_path, "per-vlan-active")
+        d = await w.daemon()
+        try:
+            _master_all(w, d)
+            d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+            await asyncio.sleep(0)
+            assert [i["state"] for i in d.status()["instances"]] == ["FAULT", "MASTER"]
+        finally:
+            await d.close()
+
+    asyncio.run(main())

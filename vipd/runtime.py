@@ -34,7 +34,7 @@ from vipd.config import (
     router_configs,
     virtual_mac,
 )
-from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert
+from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert, Transitioned
 from vipd.core.packet import (
     DecodeError,
     DropReason,
@@ -46,7 +46,8 @@ from vipd.core.packet import (
     encode_v2,
     encode_v3,
 )
-from vipd.core.router import OWNER_PRIORITY, RouterConfig, VirtualRouter
+from vipd.core.policy import GROUP_FAULT, group_fault
+from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
 from vipd.io.rtnl import LinkInfo, Rtnl, primary_address
@@ -148,6 +149,7 @@ class Daemon:
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
+        self._reconciling = False
         self.reloads = 0
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -416,6 +418,7 @@ class Daemon:
     # ------------------------------------------------------------ actions
 
     def _apply(self, slot: Slot, actions: list[Action]) -> None:
+        transitioned = False
         for act in actions:
             if isinstance(act, SendAdvert):
                 self._send_advert(slot, act)
@@ -428,7 +431,26 @@ class Daemon:
                     self._queue_addr(slot, add=False)
             elif isinstance(act, Announce):
                 self._announce(slot)
+            elif isinstance(act, Transitioned):
+                transitioned = True
         self._rearm(slot)
+        if transitioned:
+            self._reconcile_group()
+
+    def _reconcile_group(self) -> None:
+        """Apply the mode policy (vipd.core.policy) to every router of this node."""
+        if self._reconciling or self.stopping:
+            return
+        self._reconciling = True
+        try:
+            fault = group_fault(self.cfg.mode.value,
+                                (s.router.state for s in self.slots.values()))
+            now = self.now()
+            for s in list(self.slots.values()):
+                if s.router.state is not State.FAULT:
+                    self._apply(s, s.router.set_drain(now, GROUP_FAULT, fault))
+        finally:
+            self._reconciling = False
 
     def _vmac_up(self, slot: Slot, up: bool) -> bool:
         assert slot.vmac is not None

@@ -45,6 +45,7 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "priority": c.priority,
         "effective_priority": r.priority,
         "maintenance": r.maintenance,
+        "drains": sorted(r.drains),
         "preempt": c.preempt,
         "primary_address": str(r.primary_address) if r.primary_address else None,
         "master": str(master) if master else None,

@@ -49,7 +49,7 @@ def render(status: dict[str, Any]) -> str:
         rows = [
             ("VLAN / interface", f"{i['vlan']} / {i['interface']}"),
             ("VRID / family", f"{i['vrid']} / {i['family']} (VRRPv{i['version']})"),
-            ("state", i["state"] + ("  [maintenance]" if i["maintenance"] else "")),
+            ("state", i["state"] + "".join(f"  [{d}]" for d in i["drains"])),
             ("priority", f"{i['priority']} configured, {i['effective_priority']} effective"),
             ("master", master),
             ("advert interval", f"{_ms(i['advert_interval_ms'])} sent, "

@@ -202,3 +202,31 @@ def test_virtual_mac_keeps_the_clients_arp_entry(lab: Lab) -> None:
     assert "192.0.2.1" in lab.addresses("r2", f"vmac{ifindex}.51")
     assert "192.0.2.1" not in lab.addresses("r2", "lanA")
     assert lab.mac("r2", f"vmac{ifindex}.51") == vmac
+
+
+def test_single_active_moves_every_vlan_when_one_fails(lab: Lab) -> None:
+    cfg = {r: vipd_config(lab, r, p, INTERVAL_MS, mode="single-active")
+           for r, p in (("r1", 200), ("r2", 100))}
+    r1, r2 = start_vipd(lab, "r1", cfg["r1"]), start_vipd(lab, "r2", cfg["r2"])
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
+             what="r1 elected")
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
+    lab.cut("r1", segments=["lanA"])  # only lanA fails on r1...
+    # ...and r2 takes both VLANs, so traffic stays symmetric through one node
+    wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 5,
+             what="r2 holds every VLAN")
+    s1 = {i["vlan"]: i for i in status(lab, r1)["instances"]}
+    assert s1["lanA"]["state"] == "FAULT"
+    assert (s1["lanB"]["state"], s1["lanB"]["drains"]) == ("BACKUP", ["group fault"])
+    lab.restore("r1", segments=["lanA"])
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 5,
+             what="r1 back on every VLAN")
+
+
+def test_per_vlan_active_moves_only_the_failed_vlan(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    lab.cut("r1", segments=["lanA"])
+    wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="lanA on r2")
+    assert holder(lab, "lanB") == ["r1"]
+    assert {i["vlan"]: i["state"] for i in status(lab, r1)["instances"]} == {
+        "lanA": "FAULT", "lanB": "MASTER"}

@@ -136,7 +136,7 @@ class VirtualRouter:
         self.peers: dict[IPAddress, PeerInfo] = {}
         self.counters = Counters()
         self.last_transition: LastTransition | None = None
-        self.maintenance = False
+        self.drains: set[str] = set()  # "maintenance", "group fault": priority 0 while any
         self.link_up = True
         self.last_conflict_at: Seconds | None = None
         self._timers = _Timers()
@@ -149,7 +149,11 @@ class VirtualRouter:
     @property
     def priority(self) -> int:
         """Effective priority: what we advertise and compare with."""
-        return 0 if self.maintenance else self.config.priority
+        return 0 if self.drains else self.config.priority
+
+    @property
+    def maintenance(self) -> bool:
+        return "maintenance" in self.drains
 
     @property
     def skew_time(self) -> Seconds:
@@ -317,28 +321,36 @@ class VirtualRouter:
 
     def set_maintenance(self, now: Seconds, on: bool) -> list[Action]:
         """Drain (priority 0, VIPs handed over) or return to the election."""
+        return self.set_drain(now, "maintenance", on)
+
+    def set_drain(self, now: Seconds, reason: str, on: bool) -> list[Action]:
+        """Add or clear a reason to stay out of the election. While any reason holds, the
+        router advertises priority 0 once if it was master, listens as BACKUP and never
+        takes over; when the last one clears it rejoins through INIT."""
         acts: list[Action] = []
-        if on == self.maintenance:
-            return acts
+        was = bool(self.drains)
         if on:
-            if self.state in (State.MASTER, State.BACKUP):
-                acts += self.shutdown(now, "maintenance on")
-                self.maintenance = True
-                self._enter_backup(now, "maintenance on", acts)
-                self._timers.master_down = None  # a drained node never takes over
-            self.maintenance = True
+            self.drains.add(reason)
+        else:
+            self.drains.discard(reason)
+        if was == bool(self.drains):
             return acts
-        self.maintenance = False
+        if self.drains:
+            if self.state in (State.MASTER, State.BACKUP):
+                acts += self.shutdown(now, f"{reason} on")
+                self._enter_backup(now, f"{reason} on", acts)
+                self._timers.master_down = None  # a drained node never takes over
+            return acts
         if self.state is State.BACKUP:
-            self._transition(now, State.INIT, "maintenance off", acts)
+            self._transition(now, State.INIT, f"{reason} off", acts)
             self._timers.clear()
-            acts += self.start(now, "maintenance off")
+            acts += self.start(now, f"{reason} off")
         return acts
 
     # ------------------------------------------------------------ internals
 
     def _backup_receive(self, now: Seconds, adv: Advert) -> None:
-        if self.maintenance:
+        if self.drains:
             self._learn_master(now, adv)
             return
         if adv.priority == 0:
