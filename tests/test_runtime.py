@@ -20,6 +20,7 @@ from vipd.core.packet import (
     encode_v3,
 )
 from vipd.io.announce import FakeAnnouncer
+from vipd.io.nft import FakeAcceptGuard
 from vipd.io.rtnl import FakeRtnl, LinkInfo
 from vipd.io.vrrp_socket import FakeVrrpTransport
 from vipd.runtime import Daemon
@@ -45,6 +46,7 @@ class World:
         self.rtnl.addrs[7] = [(ip_interface("192.0.2.11/24"), 0)]
         self.sockets: dict[tuple[str, int], FakeVrrpTransport] = {}
         self.announcer = FakeAnnouncer()
+        self.guard = FakeAcceptGuard()
         self.sock_path = str(tmp / "vipd.sock")
         self.cfg = loads(CONFIG.replace("SOCK", self.sock_path))
 
@@ -54,7 +56,8 @@ class World:
 
     async def daemon(self) -> Daemon:
         d = Daemon(self.cfg, rtnl=self.rtnl, open_socket=self.open_socket,
-                   announcer=self.announcer, clock=lambda: self.t)
+                   announcer=self.announcer, clock=lambda: self.t,
+                   accept_guard=self.guard)
         await d.start()
         return d
 
@@ -94,6 +97,9 @@ def test_startup_backup_then_master_with_vips_advert_and_garp(tmp_path: Path) ->
     async def body(w: World, d: Daemon) -> None:
         st = d.status()["instances"][0]
         assert st["state"] == "BACKUP" and st["primary_address"] == "192.0.2.11"
+        # accept_mode false (the RFC default): the VIP is in the deny set from the start
+        assert w.guard.denied == {IPv4Address("192.0.2.1")}
+        assert d.status()["accept_mode_enforced"] is True
         assert w.announcer.prepared == ["lanA"]
         fire(w, d)
         await asyncio.sleep(0)  # let the queued VIP install run
@@ -218,7 +224,8 @@ def test_virtual_mac_macvlan_sysctls_and_master_actions(tmp_path: Path) -> None:
 
         d = Daemon(w.cfg, rtnl=w.rtnl, open_socket=w.open_socket, announcer=w.announcer,
                    clock=lambda: w.t, sysctl=sysctl, open_send_socket=send_socket,
-                   set_link_up=lambda name, up: links.append((name, up)))
+                   set_link_up=lambda name, up: links.append((name, up)),
+                   accept_guard=w.guard)
         await d.start()
         try:
             vm = w.rtnl.links["vmac7.51"]

@@ -50,6 +50,7 @@ from vipd.core.policy import GROUP_FAULT, group_fault
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
+from vipd.io.nft import AcceptGuard, NftAcceptGuard
 from vipd.io.rtnl import LinkInfo, Rtnl, primary_address
 from vipd.io.vmac import (
     ProcSysctl,
@@ -136,7 +137,8 @@ class Daemon:
                  clock: Callable[[], float] | None = None,
                  sysctl: Sysctl | None = None,
                  open_send_socket: SocketFactory | None = None,
-                 set_link_up: Callable[[str, bool], None] = vmac_link_up) -> None:
+                 set_link_up: Callable[[str, bool], None] = vmac_link_up,
+                 accept_guard: AcceptGuard | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.rtnl = rtnl
@@ -145,6 +147,8 @@ class Daemon:
         self.sysctl = sysctl or ProcSysctl()
         self.open_send_socket = open_send_socket or self._default_send_socket
         self.set_link_up = set_link_up
+        self.accept_guard = accept_guard or NftAcceptGuard()
+        self.accept_mode_enforced = True
         self.control_path = control_socket or cfg.node.control_socket
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
@@ -176,6 +180,7 @@ class Daemon:
             if slot.inst.virtual_mac:
                 await self._setup_vmac(slot)
         await self._remove_leftovers(self.slots.values())
+        await self._apply_accept_mode()
         self._control = ControlServer(self.control_path, self._handle_request,
                                       self.cfg.node.control_socket_mode)
         await self._control.start()
@@ -212,9 +217,18 @@ class Daemon:
         await self.close()
         self._done.set()
 
+    async def _apply_accept_mode(self) -> None:
+        """RFC 9568 Accept_Mode False: a non-owner master drops traffic to its VIPs."""
+        denied = {v.ip for s in self.slots.values()
+                  if not s.router.config.accept_mode
+                  and s.router.config.priority != OWNER_PRIORITY for v in s.vips}
+        self.accept_mode_enforced = await self.accept_guard.apply(denied)
+
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        with contextlib.suppress(Exception):
+            await self.accept_guard.remove()
         for slot in self.slots.values():
             await self._drop_vmac(slot)
         for iface in self.ifaces.values():
@@ -545,8 +559,10 @@ class Daemon:
                    "drops": {f"IPv{f}": {k.value: n for k, n in c.items() if n}
                              for f, c in i.drops.items()}}
                   for i in self.ifaces.values()]
-        return snapshot(self.cfg.node.name, self.cfg.mode.value, views, ifaces, now,
+        snap = snapshot(self.cfg.node.name, self.cfg.mode.value, views, ifaces, now,
                         float(now - self._started), self.reloads)
+        snap["accept_mode_enforced"] = self.accept_mode_enforced
+        return snap
 
     def set_maintenance(self, on: bool) -> None:
         now = self.now()
@@ -587,6 +603,7 @@ class Daemon:
             if slot.inst.virtual_mac:
                 await self._setup_vmac(slot)
         await self._remove_leftovers([s for s in added if not s.router.holding_vips])
+        await self._apply_accept_mode()
         for slot in added:
             self._start_slot(slot, "reload")
         self.reloads += 1

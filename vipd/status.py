@@ -47,6 +47,7 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "maintenance": r.maintenance,
         "drains": sorted(r.drains),
         "preempt": c.preempt,
+        "accept_mode": c.accept_mode,
         "primary_address": str(r.primary_address) if r.primary_address else None,
         "master": str(master) if master else None,
         "master_is_self": r.state is State.MASTER,

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 from lab import Lab, wait_for
 from scenario import Speaker, holder, start_vipd, status, vipctl, vipd_config
 
@@ -49,7 +50,7 @@ def test_election_and_status(lab: Lab) -> None:
 
 def test_link_cut_failover_arp_follows_and_preemption(lab: Lab) -> None:
     r1, r2 = pair(lab)
-    lab.run("client", ["ping", "-c", "1", "-W", "1", "192.0.2.1"])
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "198.51.100.100"])  # via the VIP
     assert lab.neighbour("client", "192.0.2.1") == lab.mac("r1", "lanA")
     lab.cut("r1")
     wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="VIP on r2")
@@ -115,7 +116,7 @@ def test_sigterm_hands_over_gracefully(lab: Lab) -> None:
 def test_ipv6_vip_with_unsolicited_na(lab: Lab) -> None:
     r1, r2 = pair(lab, ("ipv4", "ipv6"))
     wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r1"], 5, what="IPv6 VIP on r1")
-    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", "2001:db8:a::1"])
+    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", "2001:db8:b::100"])  # via the VIP
     assert lab.neighbour("client", "2001:db8:a::1") == lab.mac("r1", "lanA")
     lab.cut("r1")
     wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r2"], 5, what="IPv6 VIP on r2")
@@ -230,3 +231,20 @@ def test_per_vlan_active_moves_only_the_failed_vlan(lab: Lab) -> None:
     assert holder(lab, "lanB") == ["r1"]
     assert {i["vlan"]: i["state"] for i in status(lab, r1)["instances"]} == {
         "lanA": "FAULT", "lanB": "MASTER"}
+
+
+def test_accept_mode(lab: Lab) -> None:
+    """RFC 9568 Accept_Mode: false (default) drops traffic to the VIP at a non-owner master
+    but still answers ARP and forwards; true accepts it."""
+    cfg = vipd_config(lab, "r1", 200, INTERVAL_MS)
+    cfg["vlans"][1]["instances"][0]["accept_mode"] = True  # lanB accepts, lanA does not
+    r1 = start_vipd(lab, "r1", cfg)
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
+             what="r1 master")
+    if not status(lab, r1)["accept_mode_enforced"]:
+        pytest.skip("nftables is not usable here: accept_mode false is not enforced")
+    lab.run("client", ["ping", "-c", "1", "-W", "1", "198.51.100.100"])  # forwarded: fine
+    assert lab.neighbour("client", "192.0.2.1") == lab.mac("r1", "lanA")  # ARP answered
+    lost = lab.run("client", ["ping", "-c", "1", "-W", "1", "192.0.2.1"], check=False)
+    assert lost.returncode != 0  # dropped: lanA has accept_mode false
+    lab.run("server", ["ping", "-c", "1", "-W", "1", "198.51.100.1"])  # lanB accepts
