@@ -116,7 +116,8 @@ def test_sigterm_hands_over_gracefully(lab: Lab) -> None:
 def test_ipv6_vip_with_unsolicited_na(lab: Lab) -> None:
     r1, r2 = pair(lab, ("ipv4", "ipv6"))
     wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r1"], 5, what="IPv6 VIP on r1")
-    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", "2001:db8:b::100"])  # via the VIP
+    server6 = str(lab.topo.address("lanB", "ipv6", 100).ip)  # type: ignore[union-attr]
+    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", server6])  # through the VIP
     assert lab.neighbour("client", "2001:db8:a::1") == lab.mac("r1", "lanA")
     lab.cut("r1")
     wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r2"], 5, what="IPv6 VIP on r2")
