@@ -12,6 +12,7 @@ from fractions import Fraction
 from ipaddress import IPv4Address, IPv6Address
 
 from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert
+from vipd.core.advert import encode_advert, receiver_view
 from vipd.core.packet import (
     VRRP_GROUP_V4,
     VRRP_GROUP_V6,
@@ -19,11 +20,8 @@ from vipd.core.packet import (
     DropReason,
     IPAddress,
     IpMeta,
-    ReceiverView,
     check_against,
     decode,
-    encode_v2,
-    encode_v3,
 )
 from vipd.core.router import RouterConfig, State, VirtualRouter
 
@@ -126,15 +124,7 @@ class Segment:
         cfg = node.router.config
         for a in actions:
             if isinstance(a, SendAdvert):
-                if cfg.version == 2:
-                    raw = encode_v2(vrid=cfg.vrid, priority=a.priority,
-                                    adver_int_s=a.interval_cs // 100,
-                                    addresses=[x for x in cfg.addresses
-                                               if isinstance(x, IPv4Address)])
-                else:
-                    raw = encode_v3(vrid=cfg.vrid, priority=a.priority,
-                                    max_adver_int_cs=a.interval_cs, addresses=cfg.addresses,
-                                    src=node.address, variant=cfg.checksum)
+                raw = encode_advert(cfg, a, node.address)
                 node.sent.append(raw)
                 self._queue.append((node, raw))
             elif isinstance(a, AddVips):
@@ -159,8 +149,7 @@ class Segment:
         meta = IpMeta(family, sender.address, VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6,
                       255)
         cfg = node.router.config
-        view = ReceiverView(cfg.vrid, cfg.version, frozenset(cfg.addresses),
-                            cfg.advert_interval_cs, cfg.accept_v2)
+        view = receiver_view(cfg)
         try:
             adv = decode(raw, meta)
             check_against(adv, view if adv.vrid == cfg.vrid else None)

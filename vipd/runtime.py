@@ -19,7 +19,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from ipaddress import IPv4Address
 from typing import Any
 
 from vipd.config import (
@@ -35,6 +34,7 @@ from vipd.config import (
     virtual_mac,
 )
 from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert, Transitioned
+from vipd.core.advert import encode_advert, receiver_view
 from vipd.core.packet import (
     DecodeError,
     DropReason,
@@ -43,8 +43,6 @@ from vipd.core.packet import (
     ReceiverView,
     check_against,
     decode,
-    encode_v2,
-    encode_v3,
 )
 from vipd.core.policy import GROUP_FAULT, group_fault
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
@@ -113,9 +111,7 @@ class Slot:
 
     @property
     def view(self) -> ReceiverView:
-        c = self.router.config
-        return ReceiverView(c.vrid, c.version, frozenset(c.addresses), c.advert_interval_cs,
-                            c.accept_v2)
+        return receiver_view(self.router.config)
 
 
 def build_slots(cfg: Config) -> dict[Key, Slot]:
@@ -490,16 +486,7 @@ class Daemon:
                         "no socket" if sock is None else f"no IPv{c.family} source address")
         else:
             try:
-                if c.version == 2:
-                    payload = encode_v2(vrid=c.vrid, priority=act.priority,
-                                        adver_int_s=act.interval_cs // 100,
-                                        addresses=[a for a in c.addresses
-                                                   if isinstance(a, IPv4Address)])
-                else:
-                    payload = encode_v3(vrid=c.vrid, priority=act.priority,
-                                        max_adver_int_cs=act.interval_cs,
-                                        addresses=c.addresses, src=src, variant=c.checksum)
-                sock.send(payload, src)
+                sock.send(encode_advert(c, act, src), src)
             except OSError as exc:
                 ok = False
                 log.warning("%s: advert send failed: %s", c.name, exc)
