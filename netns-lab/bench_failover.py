@@ -104,6 +104,47 @@ def stats(values: list[float]) -> dict[str, float]:
             "max": round(max(values), 1)}
 
 
+def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (fault, interval): min/median/max per kind, and vipd/keepalived median ratios."""
+    summary: list[dict[str, Any]] = []
+    keys = list(dict.fromkeys((r["fault"], r["interval_ms"]) for r in results))
+    for fault, interval_ms in keys:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for r in results:
+            if (r["fault"], r["interval_ms"]) == (fault, interval_ms):
+                rows.setdefault(r["kind"], []).append(r)
+        line: dict[str, Any] = {"fault": fault, "interval_ms": interval_ms,
+                                "master_down_interval_ms": master_down_ms(100, interval_ms)}
+        for kind, rs in rows.items():
+            line[kind] = {"outage_ms": stats([r["outage_ms"] for r in rs]),
+                          "reply_gap_ms": stats([r["longest_reply_gap_ms"] for r in rs]),
+                          "lost": stats([r["lost"] for r in rs]), "runs": len(rs)}
+        if "vipd" in rows and "keepalived" in rows:
+            for metric, name in (("outage_ms", "ratio"), ("reply_gap_ms", "ratio_reply_gap")):
+                kd = line["keepalived"][metric]["median"]
+                vd = line["vipd"][metric]["median"]
+                line[name] = round(vd / kd, 3) if kd else None
+        summary.append(line)
+    return summary
+
+
+def print_summary(summary: list[dict[str, Any]]) -> None:
+    print(f"{'fault':<12}{'interval':>9}{'MDI':>9}   {'vipd outage min/med/max':<27}"
+          f"{'keepalived outage min/med/max':<31}{'ratio':>6}{'gap ratio':>10}")
+    for s in summary:
+        def fmt(kind: str, s: dict[str, Any] = s) -> str:
+            if kind not in s:
+                return "-"
+            o = s[kind]["outage_ms"]
+            return f"{o['min']}/{o['median']}/{o['max']} ms"
+
+        def num(key: str, s: dict[str, Any] = s) -> str:
+            return "-" if s.get(key) is None else str(s[key])
+        print(f"{s['fault']:<12}{s['interval_ms']:>7} ms{s['master_down_interval_ms']:>7.0f} ms"
+              f"   {fmt('vipd'):<27}{fmt('keepalived'):<31}{num('ratio'):>6}"
+              f"{num('ratio_reply_gap'):>10}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
@@ -113,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--planned-interval", type=int, default=100,
                     help="advert interval (ms) for the planned handoff runs")
     ap.add_argument("--out", default="netns-lab/results/failover.json")
+    ap.add_argument("--summarize", metavar="JSON",
+                    help="print the summary of an earlier run's results file and exit")
     args = ap.parse_args(argv)
+    if args.summarize:
+        print_summary(summarize(json.loads(Path(args.summarize).read_text())["results"]))
+        return 0
     cleanup_on_signals()
     kinds = args.kinds.split(",")
     if "keepalived" in kinds and not keepalived_available():
@@ -125,45 +171,21 @@ def main(argv: list[str] | None = None) -> int:
         plan += [(int(i), "cut") for i in args.intervals.split(",")]
     plan += [(args.planned_interval, f) for f in faults if f != "cut"]
     results: list[dict[str, Any]] = []
-    summary: list[dict[str, Any]] = []
     for interval_ms, fault in plan:
         these = [k for k in kinds if not (fault == "maintenance" and k == "keepalived")]
-        rows: dict[str, list[dict[str, Any]]] = {k: [] for k in these}
         for n in range(args.runs):
             phase = (n + 0.5) / args.runs  # stratified, identical for every kind
             for kind in these:
                 r = one_run(kind, interval_ms, fault, phase)
-                rows[kind].append(r)
                 results.append(r)
                 print(f"  {fault:<11} {interval_ms:>5} ms  {kind:<10} run {n + 1} (phase "
                       f"{phase:.2f}): outage "
                       f"{r['outage_ms']:7.1f} ms, lost {r['lost']:4d}, reply gap "
                       f"{r['longest_reply_gap_ms']:7.1f} ms, probe send gap "
                       f"{r['max_send_gap_ms']:5.1f} ms", flush=True)
-        line: dict[str, Any] = {"fault": fault, "interval_ms": interval_ms,
-                                "master_down_interval_ms": master_down_ms(100, interval_ms)}
-        for kind, rs in rows.items():
-            line[kind] = {"outage_ms": stats([r["outage_ms"] for r in rs]),
-                          "reply_gap_ms": stats([r["longest_reply_gap_ms"] for r in rs]),
-                          "lost": stats([r["lost"] for r in rs])}
-        if "vipd" in rows and "keepalived" in rows:
-            kd = line["keepalived"]["outage_ms"]["median"]
-            vd = line["vipd"]["outage_ms"]["median"]
-            line["ratio_vipd_keepalived"] = round(vd / kd, 3) if kd else None
-        summary.append(line)
+    summary = summarize(results)
     print()
-    print(f"{'fault':<12}{'interval':>9}{'MDI':>9}   {'vipd outage min/med/max':<28}"
-          f"{'keepalived outage min/med/max':<32}{'ratio':>6}")
-    for s in summary:
-        def fmt(kind: str, s: dict[str, Any] = s) -> str:
-            if kind not in s:
-                return "-"
-            o = s[kind]["outage_ms"]
-            return f"{o['min']}/{o['median']}/{o['max']} ms"
-        ratio = s.get("ratio_vipd_keepalived")
-        print(f"{s['fault']:<12}{s['interval_ms']:>7} ms{s['master_down_interval_ms']:>7.0f} ms"
-              f"   {fmt('vipd'):<28}{fmt('keepalived'):<32}"
-              f"{'-' if ratio is None else ratio:>6}")
+    print_summary(summary)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs,
