@@ -63,7 +63,7 @@ class World:
 
     def deliver(self, d: Daemon, payload: bytes, src: IPv4Address = PEER, ttl: int = 255) -> None:
         sock = self.sockets["lanA", 4]
-        sock.inbox.append((payload, IpMeta(4, src, VRRP_GROUP_V4, ttl)))
+        sock.inbox.append((payload, IpMeta(4, src, VRRP_GROUP_V4, ttl), 0.0))
         d._on_readable(d.ifaces["lanA"], 4)
 
 
@@ -323,3 +323,34 @@ def test_per_vlan_active_leaves_the_other_vlans_alone(tmp_path: Path) -> None:
             await d.close()
 
     asyncio.run(main())
+
+
+def test_timers_run_from_kernel_reception_time(tmp_path: Path) -> None:
+    from fractions import Fraction
+
+    async def body(w: World, d: Daemon) -> None:
+        sock = w.sockets["lanA", 4]
+        sock.inbox.append((advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.004))
+        d._on_readable(d.ifaces["lanA"], 4)
+        slot = next(iter(d.slots.values()))
+        # Master_Down_Interval counted from when the kernel got the advert, 4 ms ago
+        assert slot.router.master_down_timer == (Fraction(w.t) - Fraction(0.004)
+                                                 + slot.router.master_down_interval)
+
+    run(tmp_path, body)
+
+
+def test_packet_age_from_scm_timestamp() -> None:
+    import struct
+    import time
+
+    from vipd.io.vrrp_socket import SO_TIMESTAMPNS, packet_age
+
+    ns = time.time_ns() - 3_000_000
+    cmsg = [(socket.SOL_SOCKET, SO_TIMESTAMPNS, struct.pack("=qq", ns // 10**9, ns % 10**9))]
+    assert 0.003 <= packet_age(cmsg) < 0.5
+    future = time.time_ns() + 10**9
+    jumped = [(socket.SOL_SOCKET, SO_TIMESTAMPNS,
+               struct.pack("=qq", future // 10**9, future % 10**9))]
+    assert packet_age(jumped) == 0.0  # a wall clock jump is not trusted
+    assert packet_age([]) == 0.0

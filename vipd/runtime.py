@@ -376,10 +376,12 @@ class Daemon:
         sock = iface.sockets.get(family)
         if sock is None:
             return
-        for payload, meta in sock.recv_all():
-            self.receive(iface, family, payload, meta)
+        for payload, meta, age_s in sock.recv_all():
+            self.receive(iface, family, payload, meta, age_s)
 
-    def receive(self, iface: Interface, family: int, payload: bytes, meta: IpMeta) -> None:
+    def receive(self, iface: Interface, family: int, payload: bytes, meta: IpMeta,
+                age_s: float = 0.0) -> None:
+        """One received packet; `age_s` back-dates it to its kernel reception time."""
         drops = iface.drops[family]
         if meta.src in iface.own:
             drops[DropReason.OWN_PACKET] += 1
@@ -396,7 +398,7 @@ class Daemon:
             (slot.drops if slot else drops)[exc.reason] += 1
             return
         assert slot is not None
-        self._apply(slot, slot.router.receive(self.now(), adv))
+        self._apply(slot, slot.router.receive(self.now() - Fraction(age_s), adv))
 
     def _on_timer(self, slot: Slot) -> None:
         slot.timer = None

@@ -3,8 +3,10 @@
 Joins 224.0.0.18 / ff02::12 on its interface only (SO_BINDTODEVICE), sends with TTL / hop
 limit 255 and the source address we choose (IP_PKTINFO / IPV6_PKTINFO, so the pseudo-header
 checksum is computed over the address the peer will see), and never loops its own packets
-back. `recv_all` drains the socket without blocking and returns (payload, IpMeta) pairs;
-parsing the IPv4 header here is the only packet parsing outside vipd.core.packet.
+back. `recv_all` drains the socket without blocking and returns (payload, IpMeta, age)
+triples, where age is how long ago the kernel received the packet (SO_TIMESTAMPNS): timers
+run from reception, not from when a busy daemon got round to it. Parsing the IPv4 header
+here is the only packet parsing outside vipd.core.packet.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ from __future__ import annotations
 import ipaddress
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vipd.core.packet import IPPROTO_VRRP, VRRP_GROUP_V4, VRRP_GROUP_V6, IPAddress, IpMeta
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+MAX_TRUSTED_AGE_S = 1.0  # older (or negative: the wall clock jumped): not trusted, use 0
+
+Received = tuple[bytes, IpMeta, float]
 TOS_NETWORK_CONTROL = 0xC0
 
 
@@ -26,7 +33,7 @@ class VrrpTransport(Protocol):
     family: int
 
     def fileno(self) -> int: ...
-    def recv_all(self) -> list[tuple[bytes, IpMeta]]: ...
+    def recv_all(self) -> list[Received]: ...
     def send(self, payload: bytes, src: IPAddress) -> None: ...
     def close(self) -> None: ...
 
@@ -41,6 +48,7 @@ class VrrpSocket:
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, ifname.encode())
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             if send_only:
                 _drop_all(s)
             if family == 4:
@@ -72,20 +80,16 @@ class VrrpSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def recv_all(self) -> list[tuple[bytes, IpMeta]]:
-        out: list[tuple[bytes, IpMeta]] = []
+    def recv_all(self) -> list[Received]:
+        out: list[Received] = []
         while True:
             try:
-                if self.family == 4:
-                    data = self._sock.recv(65535)
-                    item = parse_ipv4(data)
-                else:
-                    data, anc, _flags, addr = self._sock.recvmsg(65535, 256)
-                    item = parse_ipv6(data, anc, addr)
+                data, anc, _flags, addr = self._sock.recvmsg(65535, 256)
             except BlockingIOError:
                 return out
+            item = parse_ipv4(data) if self.family == 4 else parse_ipv6(data, anc, addr)
             if item is not None:
-                out.append(item)
+                out.append((item[0], item[1], packet_age(anc)))
 
     def send(self, payload: bytes, src: IPAddress) -> None:
         if self.family == 4:
@@ -109,6 +113,16 @@ def _drop_all(s: socket.socket) -> None:
     prog = ctypes.create_string_buffer(struct.pack("=HBBI", BPF_RET_K, 0, 0, 0))
     fprog = struct.pack("=HxxxxxxQ", 1, ctypes.addressof(prog))
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
+
+
+def packet_age(ancdata: list[tuple[int, int, bytes]]) -> float:
+    """Seconds since the kernel received the packet, from its SCM_TIMESTAMPNS."""
+    for level, ctype, cdata in ancdata:
+        if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS and len(cdata) >= 16:
+            sec, nsec = struct.unpack("=qq", cdata[:16])
+            age = (time.time_ns() - (sec * 1_000_000_000 + nsec)) / 1e9
+            return age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
+    return 0.0
 
 
 def parse_ipv4(data: bytes) -> tuple[bytes, IpMeta] | None:
@@ -146,13 +160,13 @@ class FakeVrrpTransport:
     ifname: str
     family: int
     sent: list[tuple[bytes, IPAddress]] = field(default_factory=list)
-    inbox: list[tuple[bytes, IpMeta]] = field(default_factory=list)
+    inbox: list[Received] = field(default_factory=list)
     fail_sends: bool = False
 
     def fileno(self) -> int:
         return -1
 
-    def recv_all(self) -> list[tuple[bytes, IpMeta]]:
+    def recv_all(self) -> list[Received]:
         out, self.inbox = self.inbox, []
         return out
 
