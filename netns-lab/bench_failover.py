@@ -124,13 +124,19 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 kd = line["keepalived"][metric]["median"]
                 vd = line["vipd"][metric]["median"]
                 line[name] = round(vd / kd, 3) if kd else None
+            # the runs are paired by phase: the mean paired difference is the sharper figure
+            by_phase = {r["phase"]: r["outage_ms"] for r in rows["keepalived"]}
+            diffs = [r["outage_ms"] - by_phase[r["phase"]] for r in rows["vipd"]
+                     if r["phase"] in by_phase]
+            line["paired_diff_ms"] = round(statistics.mean(diffs), 1) if diffs else None
         summary.append(line)
     return summary
 
 
 def print_summary(summary: list[dict[str, Any]]) -> None:
     print(f"{'fault':<12}{'interval':>9}{'MDI':>9}   {'vipd outage min/med/max':<27}"
-          f"{'keepalived outage min/med/max':<31}{'ratio':>6}{'gap ratio':>10}")
+          f"{'keepalived outage min/med/max':<31}{'ratio':>6}{'gap ratio':>10}"
+          f"{'paired diff':>12}")
     for s in summary:
         def fmt(kind: str, s: dict[str, Any] = s) -> str:
             if kind not in s:
@@ -142,7 +148,7 @@ def print_summary(summary: list[dict[str, Any]]) -> None:
             return "-" if s.get(key) is None else str(s[key])
         print(f"{s['fault']:<12}{s['interval_ms']:>7} ms{s['master_down_interval_ms']:>7.0f} ms"
               f"   {fmt('vipd'):<27}{fmt('keepalived'):<31}{num('ratio'):>6}"
-              f"{num('ratio_reply_gap'):>10}")
+              f"{num('ratio_reply_gap'):>10}{num('paired_diff_ms'):>9} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
