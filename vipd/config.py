@@ -319,9 +319,6 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
         reannounce_on_lower=p.get(path, m, "reannounce_on_lower", _bool,
                                   "is not true or false", True) is not False,
     )
-    if inst.virtual_mac and any(v.version == 6 for v in vips):
-        # TODO(#3): an IPv6 virtual MAC needs a link-local advert source on the macvlan
-        p.err(f"{path}.virtual_mac", True, "is supported for IPv4 VIPs only in this version")
     if inst.v2_compat and inst.version != 3:
         p.err(f"{path}.v2_compat", True, "only applies to version 3 instances")
     return inst if len(p.errors) == nerr else None

@@ -88,7 +88,7 @@ class Vmac:
     name: str
     index: int
     mac: str
-    sock: VrrpTransport
+    sock: VrrpTransport | None  # IPv4 adverts go out here; IPv6 ones from the parent
 
 
 @dataclass
@@ -246,7 +246,8 @@ class Daemon:
         c = slot.router.config
         if iface.index is None:
             raise OSError(f"{c.name}: virtual_mac needs {iface.name} to exist at start")
-        name, mac = vmac_name(iface.index, c.vrid), virtual_mac(c.vrid, c.family)
+        name = vmac_name(iface.index, c.vrid, c.family)
+        mac = virtual_mac(c.vrid, c.family)
         for path, value in parent_sysctls(iface.name).items():
             self.sysctl.set_checked(path, value)
         try:
@@ -254,9 +255,9 @@ class Daemon:
         except Exception as exc:
             raise OSError(f"{c.name}: cannot create macvlan {name} for the virtual MAC "
                           f"(is macvlan in this kernel?): {exc}") from exc
-        for path, value in vmac_sysctls(name).items():
+        for path, value in vmac_sysctls(name, c.family).items():
             self.sysctl.set_checked(path, value)
-        sock = self.open_send_socket(name, info.index, c.family)
+        sock = self.open_send_socket(name, info.index, c.family) if c.family == 4 else None
         self.announcer.prepare(name, info.index)
         slot.vmac = Vmac(name, info.index, mac, sock)
         log.info("%s: virtual MAC %s on %s", c.name, mac, name)
@@ -268,7 +269,8 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await slot.addr_task
         vm, slot.vmac = slot.vmac, None
-        vm.sock.close()
+        if vm.sock is not None:
+            vm.sock.close()
         with contextlib.suppress(Exception):
             await self.rtnl.delete_link(vm.name)
 
@@ -479,7 +481,9 @@ class Daemon:
     def _send_advert(self, slot: Slot, act: SendAdvert) -> None:
         c: RouterConfig = slot.router.config
         iface = self.ifaces[slot.vlan.interface]
-        sock = slot.vmac.sock if slot.vmac else iface.sockets.get(c.family)
+        sock = iface.sockets.get(c.family)
+        if slot.vmac is not None and slot.vmac.sock is not None:
+            sock = slot.vmac.sock
         src = iface.primary.get(c.family)
         ok = True
         if sock is None or src is None:
@@ -503,10 +507,19 @@ class Daemon:
         name, index, mac = iface.name, iface.index, iface.mac
         if slot.vmac is not None:
             name, index, mac = slot.vmac.name, slot.vmac.index, slot.vmac.mac
+            task = slot.addr_task
+            if slot.router.config.family == 6 and task is not None and not task.done():
+                # an NA from the macvlan needs its (virtual) link-local source installed
+                task.add_done_callback(lambda _t: self._announce_if_master(slot))
+                return
         try:
             self.announcer.announce(name, index, mac, slot.router.config.addresses)
         except OSError as exc:
             log.warning("%s: announce failed: %s", slot.router.config.name, exc)
+
+    def _announce_if_master(self, slot: Slot) -> None:
+        if slot.router.state is State.MASTER:
+            self._announce(slot)
 
     def _queue_addr(self, slot: Slot, add: bool) -> None:
         prev = slot.addr_task

@@ -249,3 +249,25 @@ def test_accept_mode(lab: Lab) -> None:
     lost = lab.run("client", ["ping", "-c", "1", "-W", "1", "192.0.2.1"], check=False)
     assert lost.returncode != 0  # dropped: lanA has accept_mode false
     lab.run("server", ["ping", "-c", "1", "-W", "1", "198.51.100.1"])  # lanB accepts
+
+
+def test_ipv6_virtual_mac_keeps_the_clients_neighbour_entry(lab: Lab) -> None:
+    vmac6 = "00:00:5e:00:02:33"
+    fams = ("ipv4", "ipv6")
+    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS, fams, virtual_mac=True))
+    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, INTERVAL_MS, fams, virtual_mac=True))
+    wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r1"]
+             and holder(lab, "lanB", "ipv6") == ["r1"], 10, what="r1 elected")
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
+    server6 = str(lab.topo.address("lanB", "ipv6", 100).ip)  # type: ignore[union-attr]
+    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", server6])
+    assert lab.neighbour("client", "2001:db8:a::1") == vmac6
+    # adverts still come from r1's own link-local: r2 knows who the master is
+    v6 = [i for i in status(lab, r2)["instances"] if i["family"] == "IPv6"][0]
+    assert v6["master"].startswith("fe80::") and v6["master"] != "fe80::200:5eff:fe00:233"
+    lab.cut("r1")
+    wait_for(lambda: holder(lab, "lanA", "ipv6") == ["r2"], 5, what="IPv6 VIP on r2")
+    wait_for(lambda: lab.fdb_port(vmac6) == "r2-lanA", 3, what="switch relearns the VMAC")
+    assert lab.neighbour("client", "2001:db8:a::1") == vmac6
+    lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", server6])
+    assert set(states(lab, r1)) == {"FAULT"}

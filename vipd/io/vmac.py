@@ -1,11 +1,15 @@
 """Virtual MAC per VRID (RFC 9568 7.3) through a macvlan on the VLAN interface.
 
-The macvlan `vmac{parent ifindex}.{vrid}` carries 00:00:5e:00:01:{vrid}. It is up only while
+The macvlan `vmac{parent ifindex}.{vrid}` (`.6` appended for IPv6) carries
+00:00:5e:00:01:{vrid} (IPv4) or 00:00:5e:00:02:{vrid} (IPv6). It is up only while
 this node is master, so a backup never sends a frame from the virtual MAC (a switch would
 learn it on the wrong port); hosts then keep the same ARP entry across a failover and only
 the switch has to learn, from the new master's gratuitous ARP. The sysctls that make the
 macvlan, not its parent, answer ARP for the VIPs are set and read back.
-IPv4 only for now: TODO(#3) IPv6 needs a link-local source on the macvlan.
+IPv6: adverts keep going out from the parent, whose link-local address is the router's
+identity on the wire (RFC 9568 5.1.2.1; keepalived calls this vmac_xmit_base); the VIPs,
+the virtual link-local among them, and the unsolicited NAs live on the macvlan, which gets
+no address of its own (addr_gen_mode none) and does no DAD.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 
 
-def vmac_name(parent_index: int, vrid: int) -> str:
-    return f"vmac{parent_index}.{vrid}"[:15]
+def vmac_name(parent_index: int, vrid: int, family: int = 4) -> str:
+    return f"vmac{parent_index}.{vrid}{'' if family == 4 else '.6'}"[:15]
 
 
 def parent_sysctls(parent: str) -> dict[str, str]:
@@ -31,12 +35,22 @@ def parent_sysctls(parent: str) -> dict[str, str]:
     return {f"net/ipv4/conf/{parent}/arp_ignore": "1"}
 
 
-def vmac_sysctls(name: str) -> dict[str, str]:
-    return {
+def vmac_sysctls(name: str, family: int = 4) -> dict[str, str]:
+    common = {
         f"net/ipv4/conf/{name}/arp_ignore": "1",
         f"net/ipv4/conf/{name}/arp_announce": "2",
+    }
+    if family == 4:
         # no IPv6 on an IPv4 virtual MAC: no MLD or RS frames from the shared MAC
-        f"net/ipv6/conf/{name}/disable_ipv6": "1",
+        return {**common, f"net/ipv6/conf/{name}/disable_ipv6": "1"}
+    return {
+        **common,
+        # set while the macvlan is down: no address of its own, no DAD, no autoconf
+        f"net/ipv6/conf/{name}/addr_gen_mode": "1",
+        f"net/ipv6/conf/{name}/accept_dad": "0",
+        f"net/ipv6/conf/{name}/accept_ra": "0",
+        f"net/ipv6/conf/{name}/autoconf": "0",
+        f"net/ipv6/conf/{name}/disable_ipv6": "0",
     }
 
 
