@@ -50,17 +50,23 @@ def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
 
 
 def start_vipd(lab: Lab, router: str, config: dict[str, Any],
-               env: dict[str, str] | None = None) -> Speaker:
+               env: dict[str, str] | None = None, control_socket: Path | None = None) -> Speaker:
+    """Start vipd on a router; `control_socket` overrides the config's path."""
     path = lab.workdir / f"{router}.yaml"
     path.write_text(yaml.safe_dump(config))
-    sock = Path(config["node"]["control_socket"])
-    proc = lab.popen(router, [sys.executable, "-m", "vipd", "-c", str(path)],
+    sock = control_socket or Path(config["node"]["control_socket"])
+    extra = ["--control-socket", str(control_socket)] if control_socket else []
+    proc = lab.popen(router, [sys.executable, "-m", "vipd", "-c", str(path), *extra],
                      log=f"{router}.vipd.log", env={**os.environ, **(env or {})})
     wait_for(lambda: sock.exists() or proc.poll() is not None, 10, what=f"{router} vipd up")
     if proc.poll() is not None:
         raise LabError(f"vipd on {router} exited {proc.returncode}: "
                        + (lab.workdir / f"{router}.vipd.log").read_text()[-2000:])
     return Speaker(router, proc, "vipd", path, sock)
+
+
+def rewrite_config(speaker: Speaker, config: dict[str, Any]) -> None:
+    speaker.config.write_text(yaml.safe_dump(config))
 
 
 def vipctl(lab: Lab, speaker: Speaker, *args: str) -> subprocess.CompletedProcess[str]:

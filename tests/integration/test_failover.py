@@ -10,10 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from lab import Lab, wait_for
-from scenario import Speaker, holder, start_vipd, status, vipctl, vipd_config
+from scenario import Speaker, holder, rewrite_config, start_vipd, status, vipctl, vipd_config
 
 INTERVAL_MS = 100  # Master_Down_Interval about 0.36 s for the priority 100 backup
 
@@ -271,3 +272,28 @@ def test_ipv6_virtual_mac_keeps_the_clients_neighbour_entry(lab: Lab) -> None:
     assert lab.neighbour("client", "2001:db8:a::1") == vmac6
     lab.run("client", ["ping", "-6", "-c", "1", "-W", "1", server6])
     assert set(states(lab, r1)) == {"FAULT"}
+
+
+def test_reload_with_a_changed_priority_and_socket_override(lab: Lab) -> None:
+    r1, r2 = pair(lab)
+    override = lab.workdir / "r2-override.sock"
+    cfg2 = vipd_config(lab, "r2", 100, INTERVAL_MS)
+    lab.stop_process(r2.proc)  # restart r2 with its control socket moved by --control-socket
+    r2b = start_vipd(lab, "r2", cfg2, control_socket=override)
+    assert override.exists() and not Path(cfg2["node"]["control_socket"]).exists()
+    wait_for(lambda: set(states(lab, r2b)) == {"BACKUP"}, 5, what="r2 backup again")
+    for vlan in cfg2["vlans"]:
+        vlan["instances"][0]["priority"] = 250  # now r2 outranks r1
+    rewrite_config(r2b, cfg2)
+    p = vipctl(lab, r2b, "reload")
+    assert p.returncode == 0, p.stderr
+    assert '"replaced_or_removed": 2' in p.stdout
+    wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 5,
+             what="r2 preempts with its new priority")
+    assert [i["priority"] for i in status(lab, r2b)["instances"]] == [250, 250]
+    assert set(states(lab, r1)) == {"BACKUP"}
+    # a broken config is refused and changes nothing
+    r2b.config.write_text("vlans: 5\n")
+    bad = vipctl(lab, r2b, "reload")
+    assert bad.returncode == 1 and "bad_config" in bad.stderr
+    assert set(states(lab, r2b)) == {"MASTER"}
