@@ -103,15 +103,19 @@ def test_hang_and_recovery_without_lasting_dual_master(lab: Lab) -> None:
 
 def test_sigterm_hands_over_gracefully(lab: Lab) -> None:
     r1, r2 = pair(lab)
-    t0 = time.monotonic()
     r1.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: set(states(lab, r2)) == {"MASTER"}, 3, what="r2 master")
-    took = time.monotonic() - t0
     assert r1.proc.wait(5) == 0
-    assert took < 0.3  # Skew_Time (61 ms) plus polling, far below Master_Down_Interval
     assert holder(lab, "lanA") == ["r2"]
-    assert status(lab, r2)["instances"][0]["last_transition"]["cause"] == "master_down_timer"
-    assert status(lab, r2)["instances"][0]["priority_zero_received"] == 1
+    for inst in status(lab, r2)["instances"]:
+        assert inst["last_transition"]["cause"] == "master_down_timer"
+        assert inst["priority_zero_received"] == 1
+        # r2's own clock: from r1's priority 0 advert (its last packet) to the takeover is
+        # Skew_Time (61 ms), far below Master_Down_Interval (361 ms); polling delay and
+        # machine load do not enter this figure
+        waited_ms = 1000 * (inst["peers"][0]["last_heard_ago_s"]
+                            - inst["last_transition"]["ago_s"])
+        assert inst["skew_time_ms"] - 5 <= waited_ms < inst["master_down_interval_ms"] / 2
 
 
 def test_ipv6_vip_with_unsolicited_na(lab: Lab) -> None:
