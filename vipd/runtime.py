@@ -16,7 +16,7 @@ import os
 import signal
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -288,9 +288,8 @@ class Daemon:
         return iface
 
     async def _attach(self, iface: Interface, info: LinkInfo) -> None:
-        if iface.index != info.index:
+        if iface.index != info.index:  # new or re-created link: new sockets
             self._close_sockets(iface)
-        if iface.index != info.index:
             try:
                 self.announcer.prepare(iface.name, info.index)
             except OSError as exc:
@@ -329,7 +328,7 @@ class Daemon:
             if slot.vlan.interface == iface.name:
                 slot.router.primary_address = iface.primary.get(slot.router.config.family)
 
-    async def _remove_leftovers(self, slots: Any) -> None:
+    async def _remove_leftovers(self, slots: Iterable[Slot]) -> None:
         """VIPs of ours left on an interface by a crash: nobody elected us, remove them."""
         for slot in slots:
             iface = self.ifaces[slot.vlan.interface]

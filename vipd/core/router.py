@@ -143,6 +143,7 @@ class VirtualRouter:
         self._backup_since: Seconds | None = None
         self._io_failures_in_row = 0
         self._announce_round = 0
+        self._last_sent_at: Seconds | None = None
 
     # ------------------------------------------------------------ derived values
 
@@ -190,7 +191,7 @@ class VirtualRouter:
         return self._timers.adver
 
     def dual_master_recent(self, now: Seconds) -> bool:
-        """Another master was heard while we were master within the last 3 intervals."""
+        """Two masters were heard within the last three Master_Down_Intervals."""
         if self.last_conflict_at is None:
             return False
         return now - self.last_conflict_at <= 3 * self.master_down_interval
