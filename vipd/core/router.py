@@ -466,9 +466,8 @@ class VirtualRouter:
         else:
             self._timers.announce = None
 
-    def _send(self, acts: list[Action], priority: int, now: Seconds | None = None) -> None:
-        if now is not None:
-            self._last_sent_at = now
+    def _send(self, acts: list[Action], priority: int, now: Seconds) -> None:
+        self._last_sent_at = now
         self.counters.adverts_sent += 1
         if priority == 0:
             self.counters.priority_zero_sent += 1
