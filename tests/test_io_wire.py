@@ -1,0 +1,48 @@
+"""Frames the adapters build or parse, checked against scapy's dissectors."""
+
+from __future__ import annotations
+
+import struct
+from ipaddress import IPv4Address, IPv6Address
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from vipd.io.announce import garp_frame, unsolicited_na
+from vipd.io.vrrp_socket import parse_ipv4
+
+
+def test_garp_frame_is_a_gratuitous_arp_request() -> None:
+    layers = pytest.importorskip("scapy.layers.l2")
+    frame = garp_frame("00:00:5e:00:01:33", IPv4Address("192.0.2.1"))
+    pkt = layers.Ether(frame)
+    assert pkt.dst == "ff:ff:ff:ff:ff:ff" and pkt.src == "00:00:5e:00:01:33"
+    arp = pkt[layers.ARP]
+    assert (arp.op, arp.psrc, arp.pdst, arp.hwsrc) == (1, "192.0.2.1", "192.0.2.1",
+                                                      "00:00:5e:00:01:33")
+
+
+def test_unsolicited_na_has_router_override_and_target_lladdr() -> None:
+    inet6 = pytest.importorskip("scapy.layers.inet6")
+    body = unsolicited_na("00:00:5e:00:02:33", IPv6Address("2001:db8:a::1"))
+    na = inet6.ICMPv6ND_NA(body)
+    assert (na.type, na.R, na.S, na.O, na.tgt) == (136, 1, 0, 1, "2001:db8:a::1")
+    assert na[inet6.ICMPv6NDOptDstLLAddr].lladdr == "00:00:5e:00:02:33"
+
+
+def test_parse_ipv4_splits_header_and_payload() -> None:
+    payload = b"\x31\x33\x96\x01\x00\x64\x00\x00\xc0\x00\x02\x01"
+    head = struct.pack("!BBHHHBBH4s4s", 0x45, 0xC0, 20 + len(payload), 0, 0, 255, 112, 0,
+                       IPv4Address("192.0.2.11").packed, IPv4Address("224.0.0.18").packed)
+    got = parse_ipv4(head + payload + b"pad")  # trailing bytes beyond total length ignored
+    assert got is not None
+    data, meta = got
+    assert data == payload and (meta.ttl, str(meta.src), str(meta.dst)) == (
+        255, "192.0.2.11", "224.0.0.18")
+
+
+@given(st.binary(max_size=80))
+def test_parse_ipv4_never_raises(data: bytes) -> None:
+    got = parse_ipv4(data)
+    assert got is None or isinstance(got[0], bytes)
