@@ -354,3 +354,25 @@ def test_packet_age_from_scm_timestamp() -> None:
                struct.pack("=qq", future // 10**9, future % 10**9))]
     assert packet_age(jumped) == 0.0  # a wall clock jump is not trusted
     assert packet_age([]) == 0.0
+
+
+def test_interface_missing_at_start_then_appearing(tmp_path: Path) -> None:
+    async def main() -> None:
+        w = World(tmp_path)
+        del w.rtnl.links["lanA"]
+        d = await w.daemon()
+        try:
+            st = d.status()["instances"][0]
+            assert (st["state"], st["last_transition"]["cause"]) == ("FAULT", "interface down")
+            assert not d.status()["healthy"]
+            w.rtnl.links["lanA"] = LinkInfo(7, "lanA", True, "02:00:00:00:00:11")
+            d._on_link(w.rtnl.links["lanA"])
+            for _ in range(5):
+                await asyncio.sleep(0)
+            st = d.status()["instances"][0]
+            assert st["state"] == "BACKUP" and st["primary_address"] == "192.0.2.11"
+            assert ("lanA", 4) in w.sockets
+        finally:
+            await d.close()
+
+    asyncio.run(main())
