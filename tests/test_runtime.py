@@ -376,3 +376,24 @@ def test_interface_missing_at_start_then_appearing(tmp_path: Path) -> None:
             await d.close()
 
     asyncio.run(main())
+
+
+def test_failing_vip_installs_give_up_mastership_despite_working_sends(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        w.rtnl.fail_adds = True
+        fire(w, d)  # master: the advert goes out, the VIP install fails
+        for _ in range(3):
+            await asyncio.sleep(0)
+        slot = next(iter(d.slots.values()))
+        st = d.status()["instances"][0]
+        assert st["state"] == "MASTER" and st["io_failures"] == 1
+        for _ in range(2):  # the retries (one interval apart) fail as well
+            fire(w, d)  # an advert in between succeeds and must not reset the count
+            d._retry_install(slot)
+            for _ in range(3):
+                await asyncio.sleep(0)
+        st = d.status()["instances"][0]
+        assert st["state"] == "FAULT"
+        assert st["last_transition"]["cause"] == "3 VIP install failures"
+
+    run(tmp_path, body)

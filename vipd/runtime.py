@@ -545,8 +545,17 @@ class Daemon:
             log.warning("%s: VIP %s failed: %s", name, "install" if add else "removal", exc)
             if add:
                 self._apply(slot, slot.router.report_io(self.now(), False, "VIP install"))
+                if slot.router.state is State.MASTER:  # try again, one interval later
+                    self._loop.call_later(float(slot.router.advertisement_interval),
+                                          self._retry_install, slot)
             return
+        if add:
+            slot.router.report_io(self.now(), True, "VIP install")
         log.debug("%s: VIPs %s", name, "added" if add else "removed")
+
+    def _retry_install(self, slot: Slot) -> None:
+        if slot.router.state is State.MASTER and self.slots.get(slot.key) is slot:
+            self._queue_addr(slot, add=True)
 
     # ------------------------------------------------------------ control
 

@@ -141,7 +141,7 @@ class VirtualRouter:
         self.last_conflict_at: Seconds | None = None
         self._timers = _Timers()
         self._backup_since: Seconds | None = None
-        self._io_failures_in_row = 0
+        self._io_failures_in_row: dict[str, int] = {}  # per kind: "send", "VIP install"
         self._announce_round = 0
         self._last_sent_at: Seconds | None = None
 
@@ -257,7 +257,7 @@ class VirtualRouter:
             self._release(acts)
         if t.fault_retry is not None and now >= t.fault_retry:
             t.fault_retry = None
-            self._io_failures_in_row = 0
+            self._io_failures_in_row.clear()
             acts += self.start(now, "fault retry")
         if t.master_down is not None and now >= t.master_down and self.state is State.BACKUP:
             t.master_down = None
@@ -304,19 +304,19 @@ class VirtualRouter:
         return acts
 
     def report_io(self, now: Seconds, ok: bool, what: str = "send") -> list[Action]:
-        """Feedback from the adapters: a failed send or VIP install. Repeated failures while
-        master give up mastership (as carp demotes itself on send errors)."""
+        """Feedback from the adapters: a failed send or VIP install. Repeated failures of
+        one kind while master give up mastership (as carp demotes itself on send errors);
+        a success resets that kind only, so working sends do not hide failing installs."""
         acts: list[Action] = []
         if ok:
-            self._io_failures_in_row = 0
+            self._io_failures_in_row.pop(what, None)
             return acts
         self.counters.io_failures += 1
-        self._io_failures_in_row += 1
-        if self.state is State.MASTER and self._io_failures_in_row >= self.config.max_io_failures:
+        n = self._io_failures_in_row[what] = self._io_failures_in_row.get(what, 0) + 1
+        if self.state is State.MASTER and n >= self.config.max_io_failures:
             acts.append(RemoveVips())
             self._timers.clear()
-            self._transition(now, State.FAULT, f"{self._io_failures_in_row} {what} failures",
-                             acts)
+            self._transition(now, State.FAULT, f"{n} {what} failures", acts)
             self._timers.fault_retry = now + self.master_down_interval
         return acts
 
