@@ -58,7 +58,7 @@ from vipd.io.vmac import (
     vmac_sysctls,
 )
 from vipd.io.vmac import set_link_up as vmac_link_up
-from vipd.io.vrrp_socket import VrrpTransport
+from vipd.io.vrrp_socket import VrrpTransport, latest_per_sender
 from vipd.status import RouterView, snapshot
 
 log = logging.getLogger("vipd")
@@ -377,7 +377,10 @@ class Daemon:
         sock = iface.sockets.get(family)
         if sock is None:
             return
-        for payload, meta, age_s in sock.recv_all():
+        batch, superseded = latest_per_sender(sock.recv_all())
+        if superseded:
+            iface.drops[family][DropReason.SUPERSEDED] += superseded
+        for payload, meta, age_s in batch:
             self.receive(iface, family, payload, meta, age_s)
 
     def receive(self, iface: Interface, family: int, payload: bytes, meta: IpMeta,

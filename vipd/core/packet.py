@@ -49,6 +49,7 @@ class DropReason(enum.Enum):
     ADDRESS_MISMATCH = "address_mismatch"
     V2_INTERVAL_MISMATCH = "v2_interval_mismatch"
     OWN_PACKET = "own_packet"  # looped back copy of our own advert
+    SUPERSEDED = "superseded"  # a newer advert from the same sender was in the same batch
 
 
 class ChecksumVariant(enum.Enum):
