@@ -163,3 +163,14 @@ def test_check_config_command(tmp_path: Path) -> None:
                         capture_output=True, text=True)
     assert ko.returncode == 1
     assert "vlans[0].instances[0].vrid: 0 is not a VRID (1..255)" in ko.stderr
+
+
+def test_checksum_variant_to_send() -> None:
+    cfg = loads(GOOD.replace("preempt: true", "preempt: true\n        checksum: rfc9568"))
+    rcs = router_configs(cfg.vlans[0], cfg.vlans[0].instances[0])
+    assert rcs[0].checksum is ChecksumVariant.RFC9568
+    assert rcs[1].checksum is ChecksumVariant.IPV6  # IPv6 always has the pseudo-header
+    with pytest.raises(ConfigError) as ei:
+        loads(GOOD.replace("preempt: true", "preempt: true\n        checksum: crc32"))
+    assert ei.value.errors == [
+        "vlans[0].instances[0].checksum: 'crc32' is not rfc9568 or pseudo-header"]

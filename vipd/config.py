@@ -138,7 +138,7 @@ def router_configs(vlan: VlanConfig, inst: InstanceConfig) -> list[RouterConfig]
     return out
 
 
-def link_local_vips(vlan: VlanConfig, inst: InstanceConfig) -> tuple[IPInterface, ...]:
+def link_local_vips(inst: InstanceConfig) -> tuple[IPInterface, ...]:
     """The VIPs to install, with the derived link-local added for IPv6 when none is given."""
     vips = list(inst.vips)
     if 6 in inst.families() and not any(v.version == 6 and v.ip.is_link_local for v in vips):
@@ -293,9 +293,8 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
         for fam in (4, 6):
             if sum(1 for v in vips if v.version == fam) > 255:
                 p.err(f"{path}.vips", f"IPv{fam}", "has more than 255 addresses")
-    checksum = p.get(path, m, "checksum", lambda v: ChecksumVariant(v) if v in (
-        "rfc9568", "pseudo-header") else _raise(), "is not rfc9568 or pseudo-header",
-        ChecksumVariant.PSEUDO_HEADER)
+    checksum = p.get(path, m, "checksum", _checksum, "is not rfc9568 or pseudo-header",
+                     ChecksumVariant.PSEUDO_HEADER)
     garp = p.mapping(f"{path}.garp", m.get("garp", {}), {"count", "interval", "refresh"})
     inst = InstanceConfig(
         vrid=vrid or 1,
@@ -332,8 +331,11 @@ def _is_ip(v: str) -> bool:
         return False
 
 
-def _raise() -> Any:
-    raise ValueError
+def _checksum(v: object) -> ChecksumVariant:
+    """The IPv4 VRRPv3 checksum variant to send (both are always accepted)."""
+    if v not in ("rfc9568", "pseudo-header"):
+        raise ValueError
+    return ChecksumVariant(v)
 
 
 def parse(data: object, source: str = "") -> Config:

@@ -118,7 +118,7 @@ def build_slots(cfg: Config) -> dict[Key, Slot]:
     slots: dict[Key, Slot] = {}
     for vlan in cfg.vlans:
         for inst in vlan.instances:
-            all_vips = link_local_vips(vlan, inst)
+            all_vips = link_local_vips(inst)
             for rc in router_configs(vlan, inst):
                 vips = tuple(v for v in all_vips if v.version == rc.family)
                 slot = Slot(vlan, inst, VirtualRouter(rc), vips)
