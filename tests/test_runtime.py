@@ -72,9 +72,11 @@ def advert(priority: int, addrs: tuple[str, ...] = ("192.0.2.1",), vrid: int = 5
                      addresses=[IPv4Address(a) for a in addrs], src=PEER)
 
 
-def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]]) -> None:
+def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]],
+        world: World | None = None) -> None:
+    """Start a daemon in `world` (default: one VLAN), run `body`, always close it."""
     async def main() -> None:
-        w = World(tmp)
+        w = world or World(tmp)
         d = await w.daemon()
         try:
             await body(w, d)
@@ -134,14 +136,13 @@ def test_receive_path_counts_every_drop_reason(tmp_path: Path) -> None:
 
 
 def test_leftover_vips_removed_at_start(tmp_path: Path) -> None:
-    async def main() -> None:
-        w = World(tmp_path)
-        w.rtnl.addrs[7].append((ip_interface("192.0.2.1/24"), 1))
-        d = await w.daemon()
-        assert [str(a) for a, _ in w.rtnl.addrs[7]] == ["192.0.2.11/24"]
-        await d.close()
+    w = World(tmp_path)
+    w.rtnl.addrs[7].append((ip_interface("192.0.2.1/24"), 1))
 
-    asyncio.run(main())
+    async def body(w: World, d: Daemon) -> None:
+        assert [str(a) for a, _ in w.rtnl.addrs[7]] == ["192.0.2.11/24"]
+
+    run(tmp_path, body, w)
 
 
 def test_failed_sends_give_up_mastership(tmp_path: Path) -> None:
@@ -286,43 +287,33 @@ def _master_all(w: World, d: Daemon) -> None:
 
 
 def test_single_active_group_fault_drains_the_other_vlans(tmp_path: Path) -> None:
-    async def main() -> None:
-        w = _two_vlan_world(tmp_path, "single-active")
-        d = await w.daemon()
-        try:
-            _master_all(w, d)
-            assert [i["state"] for i in d.status()["instances"]] == ["MASTER", "MASTER"]
-            d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+    async def body(w: World, d: Daemon) -> None:
+        _master_all(w, d)
+        assert [i["state"] for i in d.status()["instances"]] == ["MASTER", "MASTER"]
+        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        await asyncio.sleep(0)
+        st = {i["vlan"]: i for i in d.status()["instances"]}
+        assert st["lan-a"]["state"] == "FAULT"
+        assert (st["lan-b"]["state"], st["lan-b"]["drains"],
+                st["lan-b"]["priority_zero_sent"]) == ("BACKUP", ["group fault"], 1)
+        d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
+        for _ in range(5):
             await asyncio.sleep(0)
-            st = {i["vlan"]: i for i in d.status()["instances"]}
-            assert st["lan-a"]["state"] == "FAULT"
-            assert (st["lan-b"]["state"], st["lan-b"]["drains"],
-                    st["lan-b"]["priority_zero_sent"]) == ("BACKUP", ["group fault"], 1)
-            d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
-            for _ in range(5):
-                await asyncio.sleep(0)
-            st = {i["vlan"]: i for i in d.status()["instances"]}
-            assert [(s["state"], s["drains"]) for s in st.values()] == [
-                ("BACKUP", []), ("BACKUP", [])]
-        finally:
-            await d.close()
+        st = {i["vlan"]: i for i in d.status()["instances"]}
+        assert [(s["state"], s["drains"]) for s in st.values()] == [
+            ("BACKUP", []), ("BACKUP", [])]
 
-    asyncio.run(main())
+    run(tmp_path, body, _two_vlan_world(tmp_path, "single-active"))
 
 
 def test_per_vlan_active_leaves_the_other_vlans_alone(tmp_path: Path) -> None:
-    async def main() -> None:
-        w = _two_vlan_world(tmp_path, "per-vlan-active")
-        d = await w.daemon()
-        try:
-            _master_all(w, d)
-            d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
-            await asyncio.sleep(0)
-            assert [i["state"] for i in d.status()["instances"]] == ["FAULT", "MASTER"]
-        finally:
-            await d.close()
+    async def body(w: World, d: Daemon) -> None:
+        _master_all(w, d)
+        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        await asyncio.sleep(0)
+        assert [i["state"] for i in d.status()["instances"]] == ["FAULT", "MASTER"]
 
-    asyncio.run(main())
+    run(tmp_path, body, _two_vlan_world(tmp_path, "per-vlan-active"))
 
 
 def test_timers_run_from_kernel_reception_time(tmp_path: Path) -> None:
@@ -357,25 +348,22 @@ def test_packet_age_from_scm_timestamp() -> None:
 
 
 def test_interface_missing_at_start_then_appearing(tmp_path: Path) -> None:
-    async def main() -> None:
-        w = World(tmp_path)
-        del w.rtnl.links["lanA"]
-        d = await w.daemon()
-        try:
-            st = d.status()["instances"][0]
-            assert (st["state"], st["last_transition"]["cause"]) == ("FAULT", "interface down")
-            assert not d.status()["healthy"]
-            w.rtnl.links["lanA"] = LinkInfo(7, "lanA", True, "02:00:00:00:00:11")
-            d._on_link(w.rtnl.links["lanA"])
-            for _ in range(5):
-                await asyncio.sleep(0)
-            st = d.status()["instances"][0]
-            assert st["state"] == "BACKUP" and st["primary_address"] == "192.0.2.11"
-            assert ("lanA", 4) in w.sockets
-        finally:
-            await d.close()
+    w = World(tmp_path)
+    del w.rtnl.links["lanA"]
 
-    asyncio.run(main())
+    async def body(w: World, d: Daemon) -> None:
+        st = d.status()["instances"][0]
+        assert (st["state"], st["last_transition"]["cause"]) == ("FAULT", "interface down")
+        assert not d.status()["healthy"]
+        w.rtnl.links["lanA"] = LinkInfo(7, "lanA", True, "02:00:00:00:00:11")
+        d._on_link(w.rtnl.links["lanA"])
+        for _ in range(5):
+            await asyncio.sleep(0)
+        st = d.status()["instances"][0]
+        assert st["state"] == "BACKUP" and st["primary_address"] == "192.0.2.11"
+        assert ("lanA", 4) in w.sockets
+
+    run(tmp_path, body, w)
 
 
 def test_failing_vip_installs_give_up_mastership_despite_working_sends(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from vipd.core.packet import DropReason, IPAddress
 from vipd.core.router import State, VirtualRouter
-from vipd.core.timing import s_to_ms
+from vipd.core.timing import cs_to_ms, s_to_ms
 
 
 @dataclass
@@ -53,15 +53,15 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "master_is_self": r.state is State.MASTER,
         "master_priority": r.master_priority if master else None,
         "master_heard_ago_s": _age(now, r.master_heard_at) if master else None,
-        "advert_interval_ms": c.advert_interval_cs * 10,
-        "master_adver_interval_ms": r.master_adver_interval_cs * 10,
+        "advert_interval_ms": cs_to_ms(c.advert_interval_cs),
+        "master_adver_interval_ms": cs_to_ms(r.master_adver_interval_cs),
         "master_down_interval_ms": s_to_ms(r.master_down_interval),
         "skew_time_ms": s_to_ms(r.skew_time),
         "vips": list(v.vips),
         "checksum_sent": c.checksum.value,
         "peers": [
             {"address": str(a), "priority": p.priority, "version": p.version,
-             "interval_ms": p.interval_cs * 10, "checksum": p.checksum.value,
+             "interval_ms": cs_to_ms(p.interval_cs), "checksum": p.checksum.value,
              "adverts": p.adverts, "last_heard_ago_s": _age(now, p.last_heard)}
             for a, p in sorted(r.peers.items(), key=lambda kv: kv[0].packed)
         ],

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 from lab import Lab, wait_for
-from scenario import Speaker, holder, rewrite_config, start_vipd, status, vipctl, vipd_config
+from scenario import (
+    Speaker,
+    holder,
+    rewrite_config,
+    start_vipd,
+    states,
+    status,
+    vipctl,
+    vipd_config,
+)
 
 INTERVAL_MS = 100  # Master_Down_Interval about 0.36 s for the priority 100 backup
 
@@ -26,10 +35,6 @@ def pair(lab: Lab, families: tuple[str, ...] = ("ipv4",)) -> tuple[Speaker, Spea
              what="r1 elected")
     wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
     return r1, r2
-
-
-def states(lab: Lab, sp: Speaker) -> list[str]:
-    return [i["state"] for i in status(lab, sp)["instances"]]
 
 
 def test_election_and_status(lab: Lab) -> None:

@@ -8,13 +8,14 @@ from ipaddress import IPv4Address
 from vipd.core.actions import SendAdvert
 from vipd.core.packet import IPAddress, ReceiverView, encode_v2, encode_v3
 from vipd.core.router import RouterConfig
+from vipd.core.timing import cs_to_whole_s
 
 
 def encode_advert(config: RouterConfig, act: SendAdvert, src: IPAddress) -> bytes:
     """The payload for a SendAdvert of this router (v2 or v3, its checksum variant)."""
     if config.version == 2:
         return encode_v2(vrid=config.vrid, priority=act.priority,
-                         adver_int_s=act.interval_cs // 100,
+                         adver_int_s=cs_to_whole_s(act.interval_cs),
                          addresses=[a for a in config.addresses if isinstance(a, IPv4Address)])
     return encode_v3(vrid=config.vrid, priority=act.priority, max_adver_int_cs=act.interval_cs,
                      addresses=config.addresses, src=src, variant=config.checksum)

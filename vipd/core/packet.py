@@ -20,6 +20,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from vipd.core.timing import s_to_cs
+
 IPPROTO_VRRP = 112
 VRRP_TTL = 255
 VRRP_GROUP_V4 = ipaddress.IPv4Address("224.0.0.18")
@@ -108,7 +110,7 @@ class Advert:
 
     @property
     def interval_cs(self) -> int:
-        return self.max_adver_int_cs if self.version == 3 else self.adver_int_s * 100
+        return self.max_adver_int_cs if self.version == 3 else s_to_cs(self.adver_int_s)
 
 
 # ---------------------------------------------------------------- checksum helpers
@@ -282,7 +284,7 @@ def check_against(advert: Advert, view: ReceiverView | None) -> None:
         raise DecodeError(DropReason.UNKNOWN_VRID, f"vrid {advert.vrid}")
     if advert.version != view.version and not (advert.version == 2 and view.accept_v2):
         raise DecodeError(DropReason.VERSION, f"v{advert.version} for a v{view.version} router")
-    if advert.version == 2 and advert.adver_int_s * 100 != view.adver_int_cs:
+    if advert.version == 2 and advert.interval_cs != view.adver_int_cs:
         # RFC 3768 7.1: the Adver Interval must match the locally configured one
         raise DecodeError(DropReason.V2_INTERVAL_MISMATCH,
                           f"{advert.adver_int_s}s, ours {view.adver_int_cs / 100:g}s")

@@ -19,6 +19,20 @@ def cs_to_s(cs: int) -> Seconds:
     return Fraction(cs, 100)
 
 
+def cs_to_ms(cs: int) -> int:
+    return cs * 10
+
+
+def s_to_cs(s: int) -> int:
+    """Whole seconds (the v2 wire unit) to centiseconds."""
+    return s * 100
+
+
+def cs_to_whole_s(cs: int) -> int:
+    """Centiseconds to the whole seconds a VRRPv2 advert carries (config ensures whole)."""
+    return cs // 100
+
+
 def ms_to_s(ms: int | Fraction) -> Seconds:
     return Fraction(ms) / 1000
 

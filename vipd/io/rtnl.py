@@ -216,9 +216,3 @@ class FakeRtnl:
 
     async def delete_link(self, name: str) -> None:
         self.links.pop(name, None)
-
-    def set_link(self, name: str, up: bool) -> None:
-        info = self.links[name]
-        self.links[name] = LinkInfo(info.index, name, up, info.mac)
-        if self.callback:
-            self.callback(self.links[name])
