@@ -414,14 +414,10 @@ class VirtualRouter:
             self.master_adver_interval_cs = adv.interval_cs
 
     def _note_peer(self, now: Seconds, adv: Advert) -> None:
-        peer = self.peers.get(adv.src)
-        if peer is None:
-            peer = self.peers[adv.src] = PeerInfo(adv.priority, adv.version, adv.interval_cs,
-                                                  adv.checksum_variant, now)
-        peer.priority, peer.version = adv.priority, adv.version
-        peer.interval_cs, peer.checksum, peer.last_heard = (adv.interval_cs,
-                                                             adv.checksum_variant, now)
-        peer.adverts += 1
+        seen = self.peers.get(adv.src)
+        self.peers[adv.src] = PeerInfo(adv.priority, adv.version, adv.interval_cs,
+                                       adv.checksum_variant, now,
+                                       adverts=(seen.adverts if seen else 0) + 1)
         if self.state is State.BACKUP and adv.priority > 0:
             self._note_backup_conflict(now, adv)
 
