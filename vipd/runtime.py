@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from typing import Any
 
 from vipd.config import (
@@ -109,8 +110,9 @@ class Slot:
         c = self.router.config
         return (self.vlan.interface, c.vrid, c.family)
 
-    @property
+    @cached_property
     def view(self) -> ReceiverView:
+        """Built once: the config is frozen and every received advert is checked against it."""
         return receiver_view(self.router.config)
 
 
