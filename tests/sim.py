@@ -152,8 +152,11 @@ class Segment:
         view = receiver_view(cfg)
         try:
             adv = decode(raw, meta)
-            check_against(adv, view if adv.vrid == cfg.vrid else None)
+            diff = check_against(adv, view if adv.vrid == cfg.vrid else None)
         except DecodeError as exc:
             node.drops[exc.reason] = node.drops.get(exc.reason, 0) + 1
             return
-        self._apply(node, node.router.receive(self.now, adv))
+        acts, dropped = node.router.handle_advert(self.now, adv, diff)
+        if dropped is not None:
+            node.drops[dropped] = node.drops.get(dropped, 0) + 1
+        self._apply(node, acts)

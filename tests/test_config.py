@@ -38,11 +38,36 @@ sync: {interface: sync0, local: 203.0.113.1, peers: [203.0.113.2]}
 """
 
 
-@pytest.mark.parametrize("name", ["single-active", "per-vlan-active", "all-active"])
+@pytest.mark.parametrize("name", ["single-active", "per-vlan-active"])
 def test_examples_load(name: str) -> None:
     cfg = load(CONFIGS / f"{name}.yaml")
     assert cfg.mode is Mode(name)
     assert cfg.vlans and all(v.instances for v in cfg.vlans)
+
+
+def test_all_active_is_refused_by_the_one_verdict_check_config_and_daemon_share(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Defect 6.9: check-config said ok while the daemon refused the mode.
+    from vipd.daemon import check_config
+
+    with pytest.raises(ConfigError) as ei:
+        load(CONFIGS / "all-active.yaml")
+    assert ei.value.errors == [
+        "mode: 'all-active' is not implemented by this vipd yet (issue #10)"]
+    assert check_config(str(CONFIGS / "all-active.yaml")) == 1
+    assert "not implemented" in capsys.readouterr().err
+
+
+def test_address_check_option() -> None:
+    cfg = loads(GOOD.replace("preempt: true", "preempt: true\n        address_check: strict"))
+    rcs = router_configs(cfg.vlans[0], cfg.vlans[0].instances[0])
+    assert all(r.strict_addresses for r in rcs)
+    assert not router_configs(loads(GOOD).vlans[0],
+                              loads(GOOD).vlans[0].instances[0])[0].strict_addresses
+    with pytest.raises(ConfigError) as ei:
+        loads(GOOD.replace("preempt: true", "preempt: true\n        address_check: loose"))
+    assert ei.value.errors == [
+        "vlans[0].instances[0].address_check: 'loose' is not relaxed or strict"]
 
 
 def test_good_config_is_typed() -> None:

@@ -48,17 +48,11 @@ def test_parse_ipv4_never_raises(data: bytes) -> None:
     assert got is None or isinstance(got[0], bytes)
 
 
-def test_latest_per_sender_keeps_the_newest_advert_of_each_sender_and_vrid() -> None:
-    from vipd.core.packet import VRRP_GROUP_V4, IpMeta
-    from vipd.io.vrrp_socket import latest_per_sender
+def test_newest_per_key_keeps_the_newest_of_each_sender_and_vrid() -> None:
+    from vipd.core.batch import newest_per_key
 
-    a, b = IPv4Address("192.0.2.11"), IPv4Address("192.0.2.12")
-
-    def pkt(src: IPv4Address, vrid: int, tag: int) -> tuple[bytes, IpMeta, float]:
-        return bytes([0x31, vrid, tag]), IpMeta(4, src, VRRP_GROUP_V4, 255), 0.0
-
-    batch = [pkt(a, 51, 1), pkt(a, 52, 2), pkt(b, 51, 3), pkt(a, 51, 4), pkt(a, 51, 5),
-             pkt(a, 52, 6)]
-    kept, superseded = latest_per_sender(batch)
-    assert [p[0][2] for p in kept] == [3, 5, 6] and superseded == 3
-    assert latest_per_sender(batch[:1]) == (batch[:1], 0)
+    batch = [("a", 51, 1), ("a", 52, 2), ("b", 51, 3), ("a", 51, 4), ("a", 51, 5),
+             ("a", 52, 6)]
+    kept, superseded = newest_per_key(batch, key=lambda p: (p[0], p[1]))
+    assert [p[2] for p in kept] == [3, 5, 6] and superseded == 3
+    assert newest_per_key(batch[:1], key=lambda p: p) == (batch[:1], 0)

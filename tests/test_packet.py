@@ -18,6 +18,7 @@ from vipd.core.packet import (
     DropReason,
     IpMeta,
     ReceiverView,
+    AddressDiff,
     check_against,
     decode,
     encode_v2,
@@ -237,10 +238,18 @@ def test_drop_checksum() -> None:
     assert _reason(bytes(b)) is DropReason.CHECKSUM
 
 
-def test_drop_ipv6_first_not_link_local() -> None:
+def test_ipv6_first_not_link_local_is_accepted_and_flagged() -> None:
+    # Defect 6.1: RFC 9568 5.2.9 binds the sender; keepalived sends only its global VIPs.
+    # Dropping these hid a higher-priority peer (two masters for good).
     raw = encode_v3(vrid=51, priority=100, max_adver_int_cs=10,
                     addresses=[VIPS6[1], VIPS6[0]], src=SRC6)
-    assert _reason(raw, META6) is DropReason.IPV6_NOT_LINK_LOCAL
+    assert decode(raw, META6).first_not_link_local
+    only_global = decode(encode_v3(vrid=51, priority=100, max_adver_int_cs=10,
+                                   addresses=[VIPS6[1]], src=SRC6), META6)
+    assert only_global.first_not_link_local
+    assert not decode(build("v3_ipv6"), META6).first_not_link_local
+    # ours lists the link-local first; a peer listing none is compared on the rest
+    assert check_against(only_global, _view(addresses=frozenset(VIPS6))) is None
 
 
 def _view(**kw: object) -> ReceiverView:
@@ -260,14 +269,20 @@ def test_check_unknown_vrid() -> None:
     assert _check_reason(decode(V3, META4), None) is DropReason.UNKNOWN_VRID
 
 
-def test_check_address_mismatch_and_owner_exemption() -> None:
+def test_check_address_mismatch_is_a_difference_not_a_drop() -> None:
     adv = decode(V3, META4)
     view = _view(addresses=frozenset({VIPS4[0]}))
-    assert _check_reason(adv, view) is DropReason.ADDRESS_MISMATCH
-    owner = decode(encode_v3(vrid=51, priority=255, max_adver_int_cs=100, addresses=VIPS4[:1],
+    assert check_against(adv, view) == AddressDiff(missing=(), extra=tuple(VIPS4[1:]))
+    fewer = decode(encode_v3(vrid=51, priority=100, max_adver_int_cs=100, addresses=VIPS4[:1],
                              src=SRC4), META4)
-    check_against(owner, _view())  # RFC 3768 7.1: the address owner is let through
-    check_against(adv, _view(addresses=frozenset(reversed(VIPS4))))  # order does not matter
+    assert check_against(fewer, _view()) == AddressDiff(missing=tuple(VIPS4[1:]), extra=())
+    assert check_against(adv, _view(addresses=frozenset(reversed(VIPS4)))) is None  # order
+    # a peer that does list a link-local is compared on it too
+    other_ll = decode(encode_v3(vrid=51, priority=100, max_adver_int_cs=10,
+                                addresses=[IPv6Address("fe80::99"), VIPS6[1]], src=SRC6),
+                      META6)
+    assert check_against(other_ll, _view(addresses=frozenset(VIPS6))) == AddressDiff(
+        missing=(VIPS6[0],), extra=(IPv6Address("fe80::99"),))
 
 
 def test_check_v2_interval_mismatch_and_version_mix() -> None:

@@ -64,6 +64,7 @@ class InstanceConfig:
     garp_interval_ms: int = 100
     garp_refresh_ms: int = 0
     reannounce_on_lower: bool = True
+    address_check: str = "relaxed"
 
     def families(self) -> list[int]:
         return sorted({v.version for v in self.vips})
@@ -134,6 +135,7 @@ def router_configs(vlan: VlanConfig, inst: InstanceConfig) -> list[RouterConfig]
             garp_interval=ms_to_s(inst.garp_interval_ms),
             garp_refresh=ms_to_s(inst.garp_refresh_ms) if inst.garp_refresh_ms else None,
             reannounce_on_lower=inst.reannounce_on_lower,
+            strict_addresses=inst.address_check == "strict",
         ))
     return out
 
@@ -251,7 +253,7 @@ def _vip(v: object) -> IPInterface:
 def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None:
     known = {"vrid", "priority", "advert_interval", "version", "preempt", "preempt_delay",
              "accept_mode", "v2_compat", "checksum", "virtual_mac", "garp", "vips",
-             "reannounce_on_lower"}
+             "reannounce_on_lower", "address_check"}
     m = p.mapping(path, raw, known)
     if not m:
         return None
@@ -317,6 +319,8 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
                               "is not a duration", 0) or 0,
         reannounce_on_lower=p.get(path, m, "reannounce_on_lower", _bool,
                                   "is not true or false", True) is not False,
+        address_check=p.get(path, m, "address_check", _one_of("relaxed", "strict"),
+                            "is not relaxed or strict", "relaxed") or "relaxed",
     )
     if inst.v2_compat and inst.version != 3:
         p.err(f"{path}.v2_compat", True, "only applies to version 3 instances")
@@ -329,6 +333,14 @@ def _is_ip(v: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    def conv(v: object) -> str:
+        if v not in choices:
+            raise ValueError
+        return str(v)
+    return conv
 
 
 def _checksum(v: object) -> ChecksumVariant:
@@ -355,6 +367,10 @@ def parse(data: object, source: str = "") -> Config:
     )
     mode = p.get("", top, "mode", lambda v: Mode(v),
                  "is not single-active, per-vlan-active or all-active", Mode.SINGLE_ACTIVE)
+    if mode is Mode.ALL_ACTIVE:
+        # One verdict for check-config, start and reload alike.
+        # TODO(#10): all-active load sharing; until then it is refused, never pretended.
+        p.err("mode", "all-active", "is not implemented by this vipd yet (issue #10)")
     vlans: list[VlanConfig] = []
     raw_vlans = top.get("vlans")
     if not isinstance(raw_vlans, list) or not raw_vlans:

@@ -5,6 +5,11 @@ each router's single armed timer, the control socket, signals. After every input
 router's timer is re-armed from `get_timer()`. VIP changes go through rtnetlink in order per
 router; a failure is reported back to the core, which gives up mastership after repeats.
 Time is the loop's monotonic clock, converted to an exact Fraction once, in `now()`.
+
+The kernel is the truth: address events (vipd.io.netlink_monitor) keep a per-link view of
+what it holds; status reports that view, and a master puts back a VIP someone removed.
+Long-lived tasks are supervised: one that dies is restarted and keeps status degraded until
+it is back. Nothing is touched before the instance lock is held (vipd.io.lock).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from vipd.config import (
     ConfigError,
     InstanceConfig,
     IPInterface,
-    Mode,
     VlanConfig,
     link_local_vips,
     load,
@@ -36,7 +40,10 @@ from vipd.config import (
 )
 from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert, Transitioned
 from vipd.core.advert import encode_advert, receiver_view
+from vipd.core.batch import newest_per_key
 from vipd.core.packet import (
+    AddressDiff,
+    Advert,
     DecodeError,
     DropReason,
     IPAddress,
@@ -49,6 +56,8 @@ from vipd.core.policy import GROUP_FAULT, group_fault
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
+from vipd.io.lock import InstanceLock
+from vipd.io.netlink_monitor import AddrEvent, Event, LinkEvent, Resync
 from vipd.io.nft import AcceptGuard, NftAcceptGuard
 from vipd.io.rtnl import LinkInfo, Rtnl, primary_address
 from vipd.io.vmac import (
@@ -59,13 +68,15 @@ from vipd.io.vmac import (
     vmac_sysctls,
 )
 from vipd.io.vmac import set_link_up as vmac_link_up
-from vipd.io.vrrp_socket import VrrpTransport, latest_per_sender
+from vipd.io.vrrp_socket import VrrpTransport
 from vipd.status import RouterView, snapshot
 
 log = logging.getLogger("vipd")
 
 SocketFactory = Callable[[str, int, int], VrrpTransport]
 PRECISE_LEAD_S = 0.0015
+LINK_MONITOR = "link and address monitor"
+MONITOR_STARTED = "monitor started"
 Key = tuple[str, int, int]  # interface, vrid, family
 
 
@@ -104,6 +115,7 @@ class Slot:
     timer: asyncio.TimerHandle | None = None
     addr_task: asyncio.Future[None] | None = None
     vmac: Vmac | None = None
+    vips_repaired: int = 0
 
     @property
     def key(self) -> Key:
@@ -136,7 +148,8 @@ class Daemon:
                  sysctl: Sysctl | None = None,
                  open_send_socket: SocketFactory | None = None,
                  set_link_up: Callable[[str, bool], None] = vmac_link_up,
-                 accept_guard: AcceptGuard | None = None) -> None:
+                 accept_guard: AcceptGuard | None = None,
+                 lock: InstanceLock | None = None) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.rtnl = rtnl
@@ -148,6 +161,12 @@ class Daemon:
         self.accept_guard = accept_guard or NftAcceptGuard()
         self.accept_mode_enforced = True
         self.control_path = control_socket or cfg.node.control_socket
+        self.lock = lock or InstanceLock(self.control_path)
+        self._locked = False  # nothing is touched, nor cleaned up, without the lock
+        self.kernel_addrs: dict[int, set[IPAddress]] = {}  # per link index we care about
+        self.tasks_down: dict[str, str] = {}  # supervised task -> why it is down
+        self.task_restarts: Counter[str] = Counter()
+        self._by_vip: dict[IPAddress, Slot] = {}
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
@@ -167,11 +186,13 @@ class Daemon:
     # ------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        if self.cfg.mode is Mode.ALL_ACTIVE:
-            # TODO(#3): all-active load sharing has its own issue; refuse rather than pretend
-            raise ConfigError(["mode: 'all-active' is not implemented by this vipd yet"])
+        # A second vipd started by mistake stops here, before it touches anything.
+        self.lock.acquire()
+        self._locked = True
+        self.lock.claim_interfaces(v.interface for v in self.cfg.vlans)
         await self.rtnl.open()
         self.slots = build_slots(self.cfg)
+        self._index_vips()
         for slot in self.slots.values():
             await self._ensure_interface(slot.vlan.interface)
         for slot in self.slots.values():
@@ -182,7 +203,8 @@ class Daemon:
         self._control = ControlServer(self.control_path, self._handle_request,
                                       self.cfg.node.control_socket_mode)
         await self._control.start()
-        self._tasks.append(asyncio.ensure_future(self.rtnl.watch(self._on_link)))
+        self._tasks.append(self._supervise(LINK_MONITOR,
+                                           lambda: self.rtnl.watch(self._on_event)))
         for slot in self.slots.values():
             self._start_slot(slot, "startup")
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
@@ -225,6 +247,9 @@ class Daemon:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if not self._locked:  # refused to start: what is out there belongs to another vipd
+            await self.rtnl.close()
+            return
         with contextlib.suppress(Exception):
             await self.accept_guard.remove()
         for slot in self.slots.values():
@@ -234,6 +259,93 @@ class Daemon:
         if self._control:
             await self._control.stop()
         await self.rtnl.close()
+        self.lock.release()
+        self._locked = False
+
+    def _supervise(self, name: str, run: Callable[[], Any]) -> asyncio.Task[None]:
+        """Run a long-lived task for good: restart it when it dies (backing off), and keep
+        it in `tasks_down` (status degraded) until it reports itself back."""
+        async def loop() -> None:
+            delay = 0.1
+            while True:
+                began = self._loop.time()
+                try:
+                    await run()
+                    raise RuntimeError("returned")
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.tasks_down[name] = f"{type(exc).__name__}: {exc}"
+                    self.task_restarts[name] += 1
+                    if self._loop.time() - began > 10:
+                        delay = 0.1
+                    log.error("%s died (%s); restarting in %.1f s", name, exc, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+
+        return asyncio.ensure_future(loop())
+
+    def _index_vips(self) -> None:
+        self._by_vip = {v.ip: s for s in self.slots.values() for v in s.vips
+                        if s.router.config.priority != OWNER_PRIORITY}
+
+    def _vip_index(self, slot: Slot) -> int | None:
+        """The link a slot's VIPs live on: its virtual-MAC macvlan, or its interface."""
+        return slot.vmac.index if slot.vmac else self.ifaces[slot.vlan.interface].index
+
+    # ------------------------------------------------------------ kernel events
+
+    def _on_event(self, ev: Event) -> None:
+        if isinstance(ev, LinkEvent):
+            self._on_link(LinkInfo(ev.index, ev.name, ev.up, ev.mac))
+        elif isinstance(ev, AddrEvent):
+            self._on_addr(ev)
+        else:
+            self._on_resync(ev)
+
+    def _on_resync(self, ev: Resync) -> None:
+        if ev.reason == MONITOR_STARTED:
+            if self.tasks_down.pop(LINK_MONITOR, None) is not None:
+                log.warning("%s is back", LINK_MONITOR)
+        else:
+            log.warning("%s: %s; dumping links and addresses again", LINK_MONITOR, ev.reason)
+        asyncio.ensure_future(self._resync())
+
+    async def _resync(self) -> None:
+        """Bring the view of links and addresses back in line with the kernel."""
+        for iface in list(self.ifaces.values()):
+            info = await self.rtnl.link(iface.name)
+            if info is not None:
+                self._on_link(info)
+            elif iface.index is not None:
+                self._on_link(LinkInfo(iface.index, iface.name, False, iface.mac))
+        for index in list(self.kernel_addrs):
+            try:
+                self.kernel_addrs[index] = {a.ip for a, _ in await self.rtnl.addresses(index)}
+            except Exception:  # the link went away meanwhile
+                self.kernel_addrs.pop(index, None)
+        for slot in self.slots.values():
+            if slot.router.state is State.MASTER:
+                self._queue_addr(slot, "repair")
+
+    def _on_addr(self, ev: AddrEvent) -> None:
+        held = self.kernel_addrs.get(ev.index)
+        if held is None:
+            return  # not a link of ours
+        ip = ev.address.ip
+        if ev.present:
+            held.add(ip)
+        else:
+            held.discard(ip)
+        slot = self._by_vip.get(ip)
+        if slot is None:
+            iface = next((i for i in self.ifaces.values() if i.index == ev.index), None)
+            if iface is not None:  # one of the interface's own addresses changed
+                asyncio.ensure_future(self._refresh_addresses(iface))
+            return
+        if (not ev.present and not self.stopping and slot.router.state is State.MASTER
+                and self._vip_index(slot) == ev.index and self.slots.get(slot.key) is slot):
+            self._queue_addr(slot, "repair")
 
     # ------------------------------------------------------------ virtual MAC
 
@@ -244,10 +356,13 @@ class Daemon:
         return VrrpSocket(name, index, family, send_only=True)
 
     async def _setup_vmac(self, slot: Slot) -> None:
+        """Create the slot's macvlan. An interface that does not exist yet is not an error:
+        the router stays in FAULT and the macvlan is made when the interface appears."""
         iface = self.ifaces[slot.vlan.interface]
         c = slot.router.config
         if iface.index is None:
-            raise OSError(f"{c.name}: virtual_mac needs {iface.name} to exist at start")
+            log.info("%s: virtual MAC waits for %s to appear", c.name, iface.name)
+            return
         name = vmac_name(iface.index, c.vrid, c.family)
         mac = virtual_mac(c.vrid, c.family)
         for path, value in parent_sysctls(iface.name).items():
@@ -262,6 +377,7 @@ class Daemon:
         sock = self.open_send_socket(name, info.index, c.family) if c.family == 4 else None
         self.announcer.prepare(name, info.index)
         slot.vmac = Vmac(name, info.index, mac, sock)
+        self.kernel_addrs[info.index] = {a.ip for a, _ in await self.rtnl.addresses(info.index)}
         log.info("%s: virtual MAC %s on %s", c.name, mac, name)
 
     async def _drop_vmac(self, slot: Slot) -> None:
@@ -270,11 +386,21 @@ class Daemon:
         if slot.addr_task is not None:  # let a queued VIP removal finish on the macvlan
             with contextlib.suppress(Exception):
                 await slot.addr_task
-        vm, slot.vmac = slot.vmac, None
-        if vm.sock is not None:
-            vm.sock.close()
+        vm = slot.vmac
+        self._forget_vmac(slot)
         with contextlib.suppress(Exception):
             await self.rtnl.delete_link(vm.name)
+
+    def _forget_vmac(self, slot: Slot) -> None:
+        """Close what belongs to a slot's macvlan (deleted by us, or by the kernel with its
+        parent)."""
+        vm, slot.vmac = slot.vmac, None
+        if vm is None:
+            return
+        if vm.sock is not None:
+            vm.sock.close()
+        self.announcer.forget(vm.index)
+        self.kernel_addrs.pop(vm.index, None)
 
     # ------------------------------------------------------------ interfaces
 
@@ -292,6 +418,11 @@ class Daemon:
     async def _attach(self, iface: Interface, info: LinkInfo) -> None:
         if iface.index != info.index:  # new or re-created link: new sockets
             self._close_sockets(iface)
+            if iface.index is not None:  # re-created: the old link and its macvlans are gone
+                self.announcer.forget(iface.index)
+                self.kernel_addrs.pop(iface.index, None)
+                for slot in self._slots_on(iface.name):
+                    self._forget_vmac(slot)
             try:
                 self.announcer.prepare(iface.name, info.index)
             except OSError as exc:
@@ -309,7 +440,20 @@ class Daemon:
                 if sock.fileno() >= 0:
                     self._loop.add_reader(sock.fileno(), self._on_readable, iface, fam)
         await self._refresh_addresses(iface)
+        if self._locked:
+            for slot in self._slots_on(iface.name):
+                if slot.inst.virtual_mac and slot.vmac is None:
+                    try:
+                        await self._setup_vmac(slot)
+                    except OSError as exc:  # the router stays in FAULT (see _link_changed)
+                        log.error("%s: %s", slot.router.config.name, exc)
 
+    def _slots_on(self, ifname: str) -> list[Slot]:
+        return [s for s in self.slots.values() if s.vlan.interface == ifname]
+
+    def _usable(self, slot: Slot, iface: Interface) -> bool:
+        """The link a router can run on: up, and its virtual MAC in place if it has one."""
+        return iface.up and (not slot.inst.virtual_mac or slot.vmac is not None)
     def _close_sockets(self, iface: Interface) -> None:
         for sock in iface.sockets.values():
             if sock.fileno() >= 0:
@@ -321,6 +465,7 @@ class Daemon:
         if iface.index is None:
             return
         addrs = await self.rtnl.addresses(iface.index)
+        self.kernel_addrs[iface.index] = {a.ip for a, _ in addrs}
         vips = {v.ip for s in self.slots.values() if s.vlan.interface == iface.name
                 and s.router.config.priority != OWNER_PRIORITY for v in s.vips}
         iface.own = {a.ip for a, _ in addrs if a.ip not in vips}
@@ -357,13 +502,13 @@ class Daemon:
             except Exception as exc:  # keep following the link even if a refresh failed
                 log.warning("%s: refreshing after link up failed: %s", iface.name, exc)
         iface.up = info.up
-        if info.up == was_up:
+        if info.up == was_up and all(s.router.link_up == self._usable(s, iface)
+                                     for s in self._slots_on(iface.name)):
             return
         log.info("%s: link %s", iface.name, "up" if info.up else "down")
         now = self.now()
-        for slot in self.slots.values():
-            if slot.vlan.interface == iface.name:
-                self._apply(slot, slot.router.set_link(now, info.up))
+        for slot in self._slots_on(iface.name):
+            self._apply(slot, slot.router.set_link(now, self._usable(slot, iface)))
 
     # ------------------------------------------------------------ routers
 
@@ -371,7 +516,7 @@ class Daemon:
         iface = self.ifaces[slot.vlan.interface]
         slot.router.primary_address = iface.primary.get(slot.router.config.family)
         now = self.now()
-        if not iface.up:
+        if not self._usable(slot, iface):
             slot.router.link_up = False
         self._apply(slot, slot.router.start(now, cause))
 
@@ -379,32 +524,53 @@ class Daemon:
         sock = iface.sockets.get(family)
         if sock is None:
             return
-        batch, superseded = latest_per_sender(sock.recv_all())
+        now = self.now()
+        valid: list[tuple[Slot, Advert, AddressDiff | None, Fraction]] = []
+        for payload, meta, age_s in sock.recv_all():
+            checked = self._validate(iface, family, payload, meta)
+            if checked is not None:
+                valid.append((*checked, now - Fraction(age_s)))
+        # validate first, then keep each sender's newest (vipd.core.batch)
+        kept, superseded = newest_per_key(valid, key=lambda v: (v[0].key, v[1].src))
         if superseded:
             iface.drops[family][DropReason.SUPERSEDED] += superseded
-        for payload, meta, age_s in batch:
-            self.receive(iface, family, payload, meta, age_s)
+        for slot, adv, diff, at in kept:
+            self._deliver(slot, adv, diff, at)
 
     def receive(self, iface: Interface, family: int, payload: bytes, meta: IpMeta,
                 age_s: float = 0.0) -> None:
         """One received packet; `age_s` back-dates it to its kernel reception time."""
+        checked = self._validate(iface, family, payload, meta)
+        if checked is not None:
+            self._deliver(*checked, self.now() - Fraction(age_s))
+
+    def _validate(self, iface: Interface, family: int, payload: bytes,
+                  meta: IpMeta) -> tuple[Slot, Advert, AddressDiff | None] | None:
+        """Decode and check one packet; count its drop reason if it fails."""
         drops = iface.drops[family]
         if meta.src in iface.own:
             drops[DropReason.OWN_PACKET] += 1
-            return
+            return None
         try:
             adv = decode(payload, meta)
         except DecodeError as exc:
             drops[exc.reason] += 1
-            return
+            return None
         slot = self.slots.get((iface.name, adv.vrid, family))
         try:
-            check_against(adv, slot.view if slot else None)
+            diff = check_against(adv, slot.view if slot else None)
         except DecodeError as exc:
             (slot.drops if slot else drops)[exc.reason] += 1
-            return
+            return None
         assert slot is not None
-        self._apply(slot, slot.router.receive(self.now() - Fraction(age_s), adv))
+        return slot, adv, diff
+
+    def _deliver(self, slot: Slot, adv: Advert, diff: AddressDiff | None,
+                 at: Fraction) -> None:
+        acts, dropped = slot.router.handle_advert(at, adv, diff)
+        if dropped is not None:
+            slot.drops[dropped] += 1
+        self._apply(slot, acts)
 
     def _on_timer(self, slot: Slot) -> None:
         slot.timer = None
@@ -443,10 +609,10 @@ class Daemon:
             elif isinstance(act, AddVips):
                 if slot.vmac is not None and not self._vmac_up(slot, True):
                     continue
-                self._queue_addr(slot, add=True)
+                self._queue_addr(slot, "add")
             elif isinstance(act, RemoveVips):
                 if slot.router.config.priority != OWNER_PRIORITY:  # never our real address
-                    self._queue_addr(slot, add=False)
+                    self._queue_addr(slot, "remove")
             elif isinstance(act, Announce):
                 self._announce(slot)
             elif isinstance(act, Transitioned):
@@ -525,25 +691,38 @@ class Daemon:
         if slot.router.state is State.MASTER:
             self._announce(slot)
 
-    def _queue_addr(self, slot: Slot, add: bool) -> None:
+    def _queue_addr(self, slot: Slot, op: str) -> None:
+        """Queue "add", "remove" or "repair" for a slot's VIPs; a slot's ops run in order."""
         prev = slot.addr_task
-        slot.addr_task = asyncio.ensure_future(self._addr_op(slot, add, prev))
+        slot.addr_task = asyncio.ensure_future(self._addr_op(slot, op, prev))
 
-    async def _addr_op(self, slot: Slot, add: bool, prev: asyncio.Future[None] | None) -> None:
+    async def _addr_op(self, slot: Slot, op: str, prev: asyncio.Future[None] | None) -> None:
         if prev is not None:
             with contextlib.suppress(Exception):
                 await prev
-        iface = self.ifaces[slot.vlan.interface]
         name = slot.router.config.name
-        index = slot.vmac.index if slot.vmac else iface.index
+        index = self._vip_index(slot)
+        add = op != "remove"
         try:
             if index is None:
                 raise OSError("interface missing")
-            for vip in slot.vips:
+            vips = slot.vips
+            if op == "repair":
+                if slot.router.state is not State.MASTER:
+                    return
+                held = {a.ip for a, _ in await self.rtnl.addresses(index)}
+                self.kernel_addrs[index] = held
+                vips = tuple(v for v in slot.vips if v.ip not in held)
+                if not vips:
+                    return
+            held_now = self.kernel_addrs.setdefault(index, set())
+            for vip in vips:
                 if add:
                     await self.rtnl.add_address(index, vip)
+                    held_now.add(vip.ip)
                 else:
                     await self.rtnl.del_address(index, vip)
+                    held_now.discard(vip.ip)
             if not add and slot.vmac is not None:
                 self._vmac_up(slot, False)  # a backup never sends from the virtual MAC
         except Exception as exc:  # netlink errors come in several types
@@ -556,28 +735,47 @@ class Daemon:
             return
         if add:
             slot.router.report_io(self.now(), True, "VIP install")
-        log.debug("%s: VIPs %s", name, "added" if add else "removed")
+        if op == "repair":
+            slot.vips_repaired += len(vips)
+            log.warning("%s: VIP %s removed from outside while MASTER: restored", name,
+                        ", ".join(str(v) for v in vips))
+            self._announce(slot)
+        else:
+            log.info("%s: VIPs %s", name, "added" if add else "removed")
 
     def _retry_install(self, slot: Slot) -> None:
         if slot.router.state is State.MASTER and self.slots.get(slot.key) is slot:
-            self._queue_addr(slot, add=True)
+            self._queue_addr(slot, "add")
 
     # ------------------------------------------------------------ control
 
     def status(self) -> dict[str, Any]:
         now = self.now()
-        views = [RouterView(s.vlan.name, s.vlan.interface, s.router,
-                            tuple(str(v) for v in s.vips), s.drops)
-                 for s in self.slots.values()]
+        views = [self._router_view(s) for s in self.slots.values()]
         ifaces = [{"name": i.name, "index": i.index, "up": i.up, "mac": i.mac,
                    "primary": {f"IPv{f}": str(a) if a else None for f, a in i.primary.items()},
                    "drops": {f"IPv{f}": {k.value: n for k, n in c.items() if n}
                              for f, c in i.drops.items()}}
                   for i in self.ifaces.values()]
+        node_problems = [f"{name} is down ({why}); restarting"
+                         for name, why in sorted(self.tasks_down.items())]
         snap = snapshot(self.cfg.node.name, self.cfg.mode.value, views, ifaces, now,
-                        float(now - self._started), self.reloads)
+                        float(now - self._started), self.reloads, node_problems,
+                        self.stopping)
         snap["accept_mode_enforced"] = self.accept_mode_enforced
+        snap["task_restarts"] = dict(self.task_restarts)
         return snap
+
+    def _router_view(self, slot: Slot) -> RouterView:
+        index = self._vip_index(slot)
+        held = self.kernel_addrs.get(index) if index is not None else None
+        return RouterView(
+            slot.vlan.name, slot.vlan.interface, slot.router, tuple(str(v) for v in slot.vips),
+            slot.drops,
+            kernel_vips=None if held is None else tuple(str(v) for v in slot.vips
+                                                        if v.ip in held),
+            vips_settling=slot.addr_task is not None and not slot.addr_task.done(),
+            vips_repaired=slot.vips_repaired)
 
     def set_maintenance(self, on: bool) -> None:
         now = self.now()
@@ -586,45 +784,90 @@ class Daemon:
         log.info("maintenance %s", "on" if on else "off")
 
     async def reload(self) -> dict[str, Any]:
-        """SIGHUP: routers whose configuration did not change keep state and timers."""
+        """SIGHUP: all or nothing. Everything that can fail (parsing, claiming interfaces,
+        creating macvlans) is done before any running router is touched; if any of it fails
+        the reload is refused and the old configuration keeps running untouched. Routers
+        whose configuration did not change keep their state and timers."""
         if self.config_path is None:
             return {"changed": 0}
         try:
-            new_cfg = load(self.config_path)
+            new_cfg = await self._loop.run_in_executor(None, load, self.config_path)
+            new_slots = build_slots(new_cfg)
+            kept_keys = {k for k, old in self.slots.items()
+                         if (new := new_slots.get(k)) is not None
+                         and new.router.config == old.router.config and new.vips == old.vips
+                         and new.inst.virtual_mac == old.inst.virtual_mac}
+            prepared = await self._prepare_reload(new_cfg, new_slots, kept_keys)
         except ConfigError as exc:
             for line in exc.errors:
-                log.error("reload refused: %s", line)
+                log.error("reload refused, the running configuration stays: %s", line)
             raise
-        new_slots = build_slots(new_cfg)
+        # Commit. Nothing below refuses: a router that cannot run is reported by its core.
         now = self.now()
-        kept = changed = 0
+        changed = 0
         for key, old in list(self.slots.items()):
-            new = new_slots.get(key)
-            if new is not None and new.router.config == old.router.config \
-                    and new.vips == old.vips:
+            if key in kept_keys:
                 new_slots[key] = old
-                kept += 1
                 continue
+            changed += 1
             self._apply(old, old.router.shutdown(now, "reload"))
             self._apply(old, old.router.release_now())  # its replacement starts afresh
-            await self._drop_vmac(old)
-            changed += 1
+            new = new_slots.get(key)
+            if old.vmac is not None and new is not None and new.inst.virtual_mac:
+                if old.addr_task is not None:  # the VIP removal runs on the macvlan
+                    with contextlib.suppress(Exception):
+                        await old.addr_task
+                new.vmac, old.vmac = old.vmac, None  # same name and MAC: keep the link
+            else:
+                await self._drop_vmac(old)
         self.cfg = new_cfg
-        added = [s for k, s in new_slots.items() if self.slots.get(k) is not s]
+        added = [s for k, s in new_slots.items() if k not in kept_keys]
         self.slots = new_slots
+        self._index_vips()
+        self.lock.release_interfaces(v.interface for v in new_cfg.vlans)
         for slot in added:
             await self._ensure_interface(slot.vlan.interface)
             await self._attach_existing(slot)
-            if slot.inst.virtual_mac:
-                await self._setup_vmac(slot)
+        for name in [n for n in self.ifaces if not self._slots_on(n)]:
+            gone = self.ifaces.pop(name)
+            self._close_sockets(gone)
         await self._remove_leftovers([s for s in added if not s.router.holding_vips])
         await self._apply_accept_mode()
         for slot in added:
             self._start_slot(slot, "reload")
         self.reloads += 1
-        log.info("reloaded: %d kept, %d replaced or removed, %d started", kept, changed,
-                 len(added))
-        return {"kept": kept, "replaced_or_removed": changed, "started": len(added)}
+        log.info("reloaded: %d kept, %d replaced or removed, %d started (%d macvlans made)",
+                 len(kept_keys), changed, len(added), prepared)
+        return {"kept": len(kept_keys), "replaced_or_removed": changed, "started": len(added)}
+
+    async def _prepare_reload(self, new_cfg: Config, new_slots: dict[Key, Slot],
+                              kept_keys: set[Key]) -> int:
+        """The fallible part of a reload; on failure undo it and raise ConfigError."""
+        try:
+            self.lock.claim_interfaces(v.interface for v in new_cfg.vlans)
+        except OSError as exc:
+            raise ConfigError([str(exc)]) from exc
+        made: list[Slot] = []
+        new_ifaces = [v.interface for v in new_cfg.vlans if v.interface not in self.ifaces]
+        try:
+            for key, slot in new_slots.items():
+                old = self.slots.get(key)
+                if (key in kept_keys or not slot.inst.virtual_mac
+                        or (old is not None and old.vmac is not None)):
+                    continue
+                iface = await self._ensure_interface(slot.vlan.interface)
+                if iface.index is not None:
+                    await self._setup_vmac(slot)
+                    made.append(slot)
+        except OSError as exc:
+            for slot in made:
+                await self._drop_vmac(slot)
+            for name in new_ifaces:
+                if name in self.ifaces:
+                    self._close_sockets(self.ifaces.pop(name))
+            self.lock.release_interfaces(v.interface for v in self.cfg.vlans)
+            raise ConfigError([f"{exc}"]) from exc
+        return len(made)
 
     async def _attach_existing(self, slot: Slot) -> None:
         iface = self.ifaces[slot.vlan.interface]

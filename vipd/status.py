@@ -22,6 +22,10 @@ class RouterView:
     router: VirtualRouter
     vips: tuple[str, ...]
     drops: Mapping[DropReason, int]
+    # What the kernel holds (the truth), and whether a VIP change is still under way.
+    kernel_vips: tuple[str, ...] | None = None
+    vips_settling: bool = False
+    vips_repaired: int = 0
 
 
 def _age(now: Fraction, t: Fraction | None) -> float | None:
@@ -58,13 +62,25 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "master_down_interval_ms": s_to_ms(r.master_down_interval),
         "skew_time_ms": s_to_ms(r.skew_time),
         "vips": list(v.vips),
+        "vips_in_kernel": None if v.kernel_vips is None else list(v.kernel_vips),
+        "vips_settling": v.vips_settling,
+        "vips_repaired": v.vips_repaired,
+        "holding_vips_for_successor": r.holding_vips,
+        "address_check": "strict" if c.strict_addresses else "relaxed",
         "checksum_sent": c.checksum.value,
         "peers": [
             {"address": str(a), "priority": p.priority, "version": p.version,
              "interval_ms": cs_to_ms(p.interval_cs), "checksum": p.checksum.value,
-             "adverts": p.adverts, "last_heard_ago_s": _age(now, p.last_heard)}
+             "adverts": p.adverts, "last_heard_ago_s": _age(now, p.last_heard),
+             "first_address_not_link_local": p.first_not_link_local,
+             "addresses_differ": None if p.address_diff is None else {
+                 "missing_there": [str(x) for x in p.address_diff.missing],
+                 "extra_there": [str(x) for x in p.address_diff.extra]}}
             for a, p in sorted(r.peers.items(), key=lambda kv: kv[0].packed)
         ],
+        "address_mismatch_peers": [str(a) for a in r.mismatched_peers(now)],
+        "notes": {k: n for k, n in (("ipv6_not_link_local", r.counters.ipv6_not_link_local),
+                                    ("address_mismatch", r.counters.address_mismatch)) if n},
         "last_transition": None if lt is None else {
             "from": lt.old.value, "to": lt.new.value, "cause": lt.cause,
             "ago_s": _age(now, lt.at)},
@@ -82,16 +98,38 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
     }
 
 
+def router_problems(i: dict[str, Any], stopping: bool = False) -> list[str]:
+    """Why one router makes the node degraded; empty when it is fine."""
+    out = []
+    name, state = i["name"], i["state"]
+    if state == State.FAULT.value:
+        out.append(f"{name}: FAULT ({(i['last_transition'] or {}).get('cause')})")
+    if state == State.INIT.value and not stopping:
+        out.append(f"{name}: not running (INIT)")
+    if i["dual_master"]:
+        out.append(f"{name}: two masters heard")
+    if i["address_mismatch_peers"]:
+        out.append(f"{name}: peer(s) {', '.join(i['address_mismatch_peers'])} advertise "
+                   "another address list")
+    kernel = i["vips_in_kernel"]
+    if kernel is not None and not i["vips_settling"]:
+        if state == State.MASTER.value:
+            missing = [v for v in i["vips"] if v not in kernel]
+            if missing:
+                out.append(f"{name}: MASTER but the kernel lacks {', '.join(missing)}")
+        elif kernel and not i["holding_vips_for_successor"]:
+            out.append(f"{name}: {state} but the kernel holds {', '.join(kernel)}")
+    return out
+
+
 def snapshot(node: str, mode: str, routers: Iterable[RouterView],
              interfaces: Iterable[dict[str, Any]], now: Fraction,
-             started_ago_s: float, reloads: int = 0) -> dict[str, Any]:
+             started_ago_s: float, reloads: int = 0,
+             node_problems: Iterable[str] = (), stopping: bool = False) -> dict[str, Any]:
     instances = [router_status(v, now) for v in routers]
-    problems = []
+    problems = list(node_problems)
     for i in instances:
-        if i["state"] == State.FAULT.value:
-            problems.append(f"{i['name']}: FAULT ({(i['last_transition'] or {}).get('cause')})")
-        if i["dual_master"]:
-            problems.append(f"{i['name']}: two masters heard")
+        problems += router_problems(i, stopping)
     return {
         "node": node,
         "mode": mode,

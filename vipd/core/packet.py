@@ -3,8 +3,13 @@
 Pure and struct-based. `encode_*` builds the VRRP payload (what follows the IP header);
 `decode` checks one thing at a time and rejects with exactly one `DropReason`. Nothing but
 `DecodeError` ever leaves `decode`, whatever the bytes. Checks that need the configuration
-(unknown VRID, address list, v2 interval) live in `check_against`, which is separate so the
-receive path can count every reason the same way.
+(unknown VRID, version, v2 interval) live in `check_against`, which is separate so the
+receive path can count every reason the same way; it returns the address-list difference
+instead of dropping, since a peer with another list is still a peer (the router decides).
+
+Liberal in what we accept: an IPv6 advert whose first address is not link-local (RFC 9568
+5.2.9 puts that rule on the sender; keepalived sends only the configured global VIPs) is
+accepted and flagged (`Advert.first_not_link_local`), never dropped.
 
 IPv4 VRRPv3 checksums come in two variants, both seen on real networks:
   * RFC 9568 5.2.8: over the VRRP message only (Cisco, Juniper, Arista);
@@ -47,8 +52,7 @@ class DropReason(enum.Enum):
     INTERVAL_ZERO = "interval_zero"  # Max Adver Int / Adver Int of 0
     CHECKSUM = "checksum"
     UNKNOWN_VRID = "unknown_vrid"
-    IPV6_NOT_LINK_LOCAL = "ipv6_not_link_local"
-    ADDRESS_MISMATCH = "address_mismatch"
+    ADDRESS_MISMATCH = "address_mismatch"  # only with `address_check: strict`
     V2_INTERVAL_MISMATCH = "v2_interval_mismatch"
     OWN_PACKET = "own_packet"  # looped back copy of our own advert
     SUPERSEDED = "superseded"  # a newer advert from the same sender was in the same batch
@@ -111,6 +115,20 @@ class Advert:
     @property
     def interval_cs(self) -> int:
         return self.max_adver_int_cs if self.version == 3 else s_to_cs(self.adver_int_s)
+
+    @property
+    def first_not_link_local(self) -> bool:
+        """RFC 9568 5.2.9 wants the IPv6 link-local address first; some senders omit it."""
+        return self.family == 6 and not self.addresses[0].is_link_local
+
+
+@dataclass(frozen=True, slots=True)
+class AddressDiff:
+    """How a peer's address list differs from ours (link-locals compared only when the
+    peer sends one: implementations differ in whether they list it)."""
+
+    missing: tuple[IPAddress, ...]  # ours, not in the advert
+    extra: tuple[IPAddress, ...]  # in the advert, not ours
 
 
 # ---------------------------------------------------------------- checksum helpers
@@ -239,9 +257,6 @@ def _decode(payload: bytes, meta: IpMeta) -> Advert:
     for i in range(count):
         raw = payload[_HDR.size + i * alen:_HDR.size + (i + 1) * alen]
         addrs.append(ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw))
-    if meta.family == 6 and not addrs[0].is_link_local:
-        # RFC 9568 5.2.9: the first IPv6 address must be the link-local one
-        raise DecodeError(DropReason.IPV6_NOT_LINK_LOCAL, str(addrs[0]))
     if version == 3:
         return Advert(3, meta.family, vrid, priority, meta.src, tuple(addrs),
                       max_adver_int_cs=interval, checksum_variant=variant)
@@ -278,8 +293,9 @@ class ReceiverView:
     accept_v2: bool = False  # a v3 router in RFC 5798 8.4 VRRPv2 compatibility
 
 
-def check_against(advert: Advert, view: ReceiverView | None) -> None:
-    """Checks that need the local configuration. Raises DecodeError with one reason."""
+def check_against(advert: Advert, view: ReceiverView | None) -> AddressDiff | None:
+    """Checks that need the local configuration. Raises DecodeError with one reason;
+    returns how the advert's address list differs from ours (None when it matches)."""
     if view is None:
         raise DecodeError(DropReason.UNKNOWN_VRID, f"vrid {advert.vrid}")
     if advert.version != view.version and not (advert.version == 2 and view.accept_v2):
@@ -288,11 +304,19 @@ def check_against(advert: Advert, view: ReceiverView | None) -> None:
         # RFC 3768 7.1: the Adver Interval must match the locally configured one
         raise DecodeError(DropReason.V2_INTERVAL_MISMATCH,
                           f"{advert.adver_int_s}s, ours {view.adver_int_cs / 100:g}s")
-    if advert.priority != 255 and frozenset(advert.addresses) != view.addresses:
-        # RFC 9568 7.1 MAY check; a mismatch is a configuration error worth a counter.
-        # An address owner (255) is exempt: RFC 3768 7.1 lets it through.
-        raise DecodeError(DropReason.ADDRESS_MISMATCH,
-                          ",".join(str(a) for a in sorted_addresses(advert.addresses)))
+    return address_diff(advert.addresses, view.addresses)
+
+
+def address_diff(theirs: Iterable[IPAddress], ours: frozenset[IPAddress]) -> AddressDiff | None:
+    got = frozenset(theirs)
+    if got == ours:
+        return None
+    if not any(a.version == 6 and a.is_link_local for a in got):
+        ours = frozenset(a for a in ours if not (a.version == 6 and a.is_link_local))
+    missing, extra = ours - got, got - ours
+    if not missing and not extra:
+        return None
+    return AddressDiff(tuple(sorted_addresses(missing)), tuple(sorted_addresses(extra)))
 
 
 def sorted_addresses(addresses: Iterable[IPAddress]) -> list[IPAddress]:

@@ -4,7 +4,7 @@ single-active: the node is active for every VLAN or for none. One router in FAUL
 interface down, or it could not hold its VIPs) drains every other router of the node, so the
 peer takes all VLANs at once and traffic through a stateful firewall stays symmetric.
 per-vlan-active: each VLAN's election stands alone.
-all-active: TODO(#3) load sharing is not implemented; the daemon refuses the mode.
+all-active: TODO(#10) load sharing is not implemented; vipd.config refuses the mode.
 """
 
 from __future__ import annotations

@@ -23,7 +23,14 @@ from vipd.core.actions import (
     SendAdvert,
     Transitioned,
 )
-from vipd.core.packet import Advert, ChecksumVariant, IPAddress
+from vipd.core.packet import (
+    AddressDiff,
+    Advert,
+    ChecksumVariant,
+    DropReason,
+    IPAddress,
+    sorted_addresses,
+)
 from vipd.core.timing import Seconds, cs_to_s, master_down_interval, skew_time
 
 log = logging.getLogger("vipd.vrrp")
@@ -71,6 +78,13 @@ class RouterConfig:
     garp_refresh: Seconds | None = None
     reannounce_on_lower: bool = True
     max_io_failures: int = 3
+    # RFC 3768 7.1 drops adverts whose address list differs (except the owner's); RFC 9568
+    # 7.1 only asks to log. Relaxed (the default) keeps the election whole during a rolling
+    # change; either way the peer is listed, warned about and the router is degraded.
+    strict_addresses: bool = False
+
+
+MISMATCH_WARN_INTERVAL = Fraction(60)  # seconds between repeated warnings per peer
 
 
 @dataclass(slots=True)
@@ -83,6 +97,10 @@ class PeerInfo:
     checksum: ChecksumVariant
     last_heard: Seconds
     adverts: int = 0
+    address_diff: AddressDiff | None = None
+    first_not_link_local: bool = False
+    warned_at: Seconds | None = None
+    warned_diff: AddressDiff | None = None
 
 
 @dataclass(slots=True)
@@ -103,6 +121,9 @@ class Counters:
     transitions: int = 0
     io_failures: int = 0
     dual_master_episodes: int = 0
+    # accepted, but worth telling the operator (liberal in what we accept, loud about it)
+    ipv6_not_link_local: int = 0
+    address_mismatch: int = 0
 
 
 @dataclass(slots=True)
@@ -261,7 +282,8 @@ class VirtualRouter:
             acts += self.start(now, "fault retry")
         if t.master_down is not None and now >= t.master_down and self.state is State.BACKUP:
             t.master_down = None
-            self._become_master(now, "master_down_timer", acts)
+            if not self.drains:
+                self._become_master(now, "master_down_timer", acts)
         if t.adver is not None and now >= t.adver and self.state is State.MASTER:
             self._send(acts, self.priority, now)
             t.adver = self._next_advert(now)
@@ -269,11 +291,26 @@ class VirtualRouter:
             self._announce(now, acts)
         return acts
 
-    def receive(self, now: Seconds, adv: Advert) -> list[Action]:
+    def handle_advert(self, now: Seconds, adv: Advert,
+                      diff: AddressDiff | None = None) -> tuple[list[Action], DropReason | None]:
+        """The receive path's entry: an advert that passed decode and check_against, with
+        its address-list difference. Under `strict_addresses` a differing advert (not from
+        the owner) is dropped for the election, RFC 3768 7.1, but its sender stays a peer:
+        listed, warned about, and counted as a second master if it claims mastership while
+        we are master. Returns the actions and the drop reason, if dropped."""
+        if diff is not None and self.config.strict_addresses and adv.priority != OWNER_PRIORITY:
+            self._note_peer(now, adv, diff)
+            if self.state is State.MASTER and adv.priority > 0:
+                self._note_conflict(now)
+            return [], DropReason.ADDRESS_MISMATCH
+        return self.receive(now, adv, diff), None
+
+    def receive(self, now: Seconds, adv: Advert,
+                diff: AddressDiff | None = None) -> list[Action]:
         """An advertisement that passed decode and check_against (RFC 9568 6.4.2, 6.4.3)."""
         acts: list[Action] = []
         self.counters.adverts_received += 1
-        self._note_peer(now, adv)
+        self._note_peer(now, adv, diff)
         if adv.priority == 0:
             self.counters.priority_zero_received += 1
         elif self.holding_vips:
@@ -340,7 +377,6 @@ class VirtualRouter:
             if self.state in (State.MASTER, State.BACKUP):
                 acts += self.shutdown(now, f"{reason} on")
                 self._enter_backup(now, f"{reason} on", acts)
-                self._timers.master_down = None  # a drained node never takes over
             return acts
         if self.state is State.BACKUP:
             self._transition(now, State.INIT, f"{reason} off", acts)
@@ -380,9 +416,7 @@ class VirtualRouter:
         # RFC 9568 6.4.3: a lower priority (or losing tie) advert: send one at once so the
         # sender steps down and learning bridges see the right port. After a dual-master
         # episode, re-announce the VIPs so hosts that followed the other master come back.
-        fresh = (self.last_conflict_at is None
-                 or now - self.last_conflict_at > self.master_down_interval)
-        self.last_conflict_at = now
+        fresh = self._note_conflict(now)
         # A master resuming from a hang drains a queue of stale adverts at one instant:
         # answer once per quarter interval, not once per queued packet.
         if self._last_sent_at is None or now - self._last_sent_at >= (
@@ -390,7 +424,6 @@ class VirtualRouter:
             self._send(acts, self.priority, now)
             self._timers.adver = self._next_advert(now)
         if fresh:
-            self.counters.dual_master_episodes += 1
             log.info("%s: lower priority master %s (%d) heard while MASTER", self.config.name,
                      adv.src, adv.priority)
             if self.config.reannounce_on_lower:
@@ -413,29 +446,67 @@ class VirtualRouter:
             # RFC 9568 6.4.2: Master_Adver_Interval from the advert (v2 was checked equal)
             self.master_adver_interval_cs = adv.interval_cs
 
-    def _note_peer(self, now: Seconds, adv: Advert) -> None:
+    def _note_peer(self, now: Seconds, adv: Advert, diff: AddressDiff | None) -> None:
         seen = self.peers.get(adv.src)
-        self.peers[adv.src] = PeerInfo(adv.priority, adv.version, adv.interval_cs,
-                                       adv.checksum_variant, now,
-                                       adverts=(seen.adverts if seen else 0) + 1)
+        peer = PeerInfo(adv.priority, adv.version, adv.interval_cs, adv.checksum_variant, now,
+                        adverts=(seen.adverts if seen else 0) + 1, address_diff=diff,
+                        first_not_link_local=adv.first_not_link_local,
+                        warned_at=seen.warned_at if seen else None,
+                        warned_diff=seen.warned_diff if seen else None)
+        self.peers[adv.src] = peer
+        if adv.first_not_link_local:
+            self.counters.ipv6_not_link_local += 1
+        if diff is not None:
+            self.counters.address_mismatch += 1
+            self._warn_mismatch(now, adv, peer, diff)
         if self.state is State.BACKUP and adv.priority > 0:
             self._note_backup_conflict(now, adv)
+
+    def _warn_mismatch(self, now: Seconds, adv: Advert, peer: PeerInfo,
+                       diff: AddressDiff) -> None:
+        """One WARNING per peer and minute (or at once when the difference changes)."""
+        if (peer.warned_diff == diff and peer.warned_at is not None
+                and now - peer.warned_at < MISMATCH_WARN_INTERVAL):
+            return
+        peer.warned_at, peer.warned_diff = now, diff
+        log.warning("%s: peer %s (priority %d) advertises [%s], ours [%s]: missing there %s, "
+                    "extra there %s (%s)", self.config.name, adv.src, adv.priority,
+                    ", ".join(str(a) for a in adv.addresses),
+                    ", ".join(str(a) for a in sorted_addresses(self.config.addresses)),
+                    [str(a) for a in diff.missing] or "none",
+                    [str(a) for a in diff.extra] or "none",
+                    "dropped: address_check strict" if self.config.strict_addresses
+                    else "accepted: address_check relaxed")
+
+    def mismatched_peers(self, now: Seconds) -> list[IPAddress]:
+        """Peers heard recently whose address list differs from ours."""
+        horizon = 3 * self.master_down_interval
+        return [a for a, p in self.peers.items()
+                if p.address_diff is not None and now - p.last_heard <= horizon]
 
     def _note_backup_conflict(self, now: Seconds, adv: Advert) -> None:
         # Two different senders advertising within one Master_Down_Interval: two masters.
         for src, p in self.peers.items():
             if (src != adv.src and p.priority > 0
                     and now - p.last_heard < self.master_down_interval):
-                if (self.last_conflict_at is None
-                        or now - self.last_conflict_at > self.master_down_interval):
-                    self.counters.dual_master_episodes += 1
-                self.last_conflict_at = now
+                self._note_conflict(now)
                 return
+
+    def _note_conflict(self, now: Seconds) -> bool:
+        """Two masters seen; True when this starts a new episode (counted once)."""
+        fresh = (self.last_conflict_at is None
+                 or now - self.last_conflict_at > self.master_down_interval)
+        if fresh:
+            self.counters.dual_master_episodes += 1
+        self.last_conflict_at = now
+        return fresh
 
     def _enter_backup(self, now: Seconds, cause: str, acts: list[Action]) -> None:
         self._transition(now, State.BACKUP, cause, acts)
         self._backup_since = now
-        self._timers.master_down = now + self.master_down_interval
+        # A drained router (maintenance, group fault) never arms a takeover, however it
+        # got here: startup, a link coming back, a fault retry.
+        self._timers.master_down = None if self.drains else now + self.master_down_interval
 
     def _become_master(self, now: Seconds, cause: str, acts: list[Action]) -> None:
         self._timers.master_down = None

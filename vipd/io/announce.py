@@ -49,6 +49,10 @@ class Announcer(Protocol):
         """Send one round; returns how many packets left."""
         ...
 
+    def forget(self, ifindex: int) -> None:
+        """Close the sockets of a link that is gone."""
+        ...
+
 
 class LinuxAnnouncer:
     def __init__(self) -> None:
@@ -109,9 +113,14 @@ class LinuxAnnouncer:
 class FakeAnnouncer:
     rounds: list[tuple[str, tuple[IPAddress, ...]]] = field(default_factory=list)
     prepared: list[str] = field(default_factory=list)
+    open_links: set[int] = field(default_factory=set)
 
     def prepare(self, ifname: str, ifindex: int) -> None:
         self.prepared.append(ifname)
+        self.open_links.add(ifindex)
+
+    def forget(self, ifindex: int) -> None:
+        self.open_links.discard(ifindex)
 
     def announce(self, ifname: str, ifindex: int, mac: str, vips: Iterable[IPAddress]) -> int:
         v = tuple(vips)

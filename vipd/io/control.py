@@ -3,17 +3,26 @@
 A request is {"command": NAME, ...}; a reply is {"ok": true, ...} or
 {"ok": false, "error": {"code": CODE, "message": TEXT}}. A bad request gets an error reply,
 never a crash; a client may send several requests on one connection.
+
+The caller holds the instance lock (vipd.io.lock) before `start`, so a socket found at the
+path is a stale one from a crash and is replaced; anything else there (a regular file, a
+symlink, a directory) is never deleted or followed: start refuses. `stop` removes the socket
+only if it is still the one we made.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+from vipd.io.lock import ensure_dir
 
 log = logging.getLogger("vipd.control")
 
@@ -25,18 +34,28 @@ class ControlServer:
     def __init__(self, path: str, handler: Handler, mode: int = 0o600) -> None:
         self.path, self.handler, self.mode = path, handler, mode
         self._server: asyncio.AbstractServer | None = None
+        self._inode: tuple[int, int] | None = None
 
     async def start(self) -> None:
-        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)  # a stale socket from a crash
+        ensure_dir(os.path.dirname(self.path))
+        try:
+            st = os.lstat(self.path)
+        except FileNotFoundError:
+            st = None
+        if st is not None:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket: "
+                              "refusing to replace it")
+            os.unlink(self.path)  # a stale socket from a crash (we hold the instance lock)
         old = os.umask(0o177)
         try:
             self._server = await asyncio.start_unix_server(self._client, path=self.path,
                                                            limit=MAX_REQUEST)
         finally:
             os.umask(old)
-        os.chmod(self.path, self.mode)
+        os.chmod(self.path, self.mode, follow_symlinks=False)
+        st = os.lstat(self.path)
+        self._inode = (st.st_dev, st.st_ino)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -44,8 +63,11 @@ class ControlServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1)
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            st = os.lstat(self.path)
+            if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == self._inode:
+                os.unlink(self.path)
+        self._inode = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

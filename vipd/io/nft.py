@@ -5,7 +5,9 @@ ARP (not IP, so untouched here) and IPv6 Neighbor Discovery get through. The tab
 the VIPs of every non-owner router with `accept_mode: false`, whatever the state: a node
 that is not master does not have the VIPs, so its input hook never sees them anyway, and
 nothing has to change at takeover time. Forwarded traffic is not affected (input hook).
-The table is rebuilt whole at start and reload, and removed at exit.
+The table is rebuilt whole at start and reload, and removed at exit. The first apply always
+reaches the kernel, even with nothing to deny: a table left by a vipd killed with -9 must
+not keep dropping traffic to VIPs that the new configuration accepts.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from vipd.core.packet import IPAddress
 log = logging.getLogger("vipd.nft")
 
 TABLE = "vipd_accept"
+DROP_TABLE = f"add table inet {TABLE}\ndelete table inet {TABLE}\n"  # idempotent
 
 
 def ruleset(addresses: Iterable[IPAddress]) -> str:
@@ -57,6 +60,7 @@ class NftAcceptGuard:
     def __init__(self, nft: str | None = None) -> None:
         self.nft = nft or shutil.which("nft")
         self.active = False
+        self._reconciled = False  # has the kernel been brought in line once?
 
     async def _run(self, script: str) -> tuple[int, str]:
         assert self.nft is not None
@@ -68,21 +72,30 @@ class NftAcceptGuard:
 
     async def apply(self, denied: set[IPAddress]) -> bool:
         """Install the table; False (and a warning) when nftables cannot be used."""
-        if not denied and not self.active:
+        if not denied and not self.active and self._reconciled:
             return True
         if self.nft is None:
+            if not denied:
+                return True  # no nft: nobody can have left a table either
             log.warning("accept_mode false cannot be enforced: nft is not installed")
+            return False
+        if not denied:
+            rc, err = await self._run(DROP_TABLE)
+            if rc == 0:
+                self.active, self._reconciled = False, True
+                return True
+            log.warning("cannot remove a stale nftables table %s: %s", TABLE, err)
             return False
         rc, err = await self._run(ruleset(denied))
         if rc != 0:
             log.warning("accept_mode false cannot be enforced: nft: %s", err)
             return False
-        self.active = True
+        self.active = self._reconciled = True
         return True
 
     async def remove(self) -> None:
         if self.active and self.nft is not None:
-            await self._run(f"add table inet {TABLE}\ndelete table inet {TABLE}\n")
+            await self._run(DROP_TABLE)
             self.active = False
 
 

@@ -2,8 +2,11 @@
 
 Adding an address that is there and removing one that is not both succeed (idempotent).
 IPv6 VIPs are added with IFA_F_NODAD: a VIP that waits for DAD is useless for a second.
-`watch` feeds link changes (index, name, up, mac) to a callback; "up" means administratively
-up with carrier (IFF_UP and IFF_LOWER_UP), which is what a VRRP speaker can use.
+`watch` feeds link and address events (vipd.io.netlink_monitor) to a callback; "up" means
+administratively up with carrier (IFF_UP and IFF_LOWER_UP), which is what a VRRP speaker can
+use. Virtual-MAC macvlans are made in bridge mode: in private mode the kernel hands a frame
+whose source is our own virtual MAC (a peer master sending from it, as RFC 9568 requires)
+only to the macvlan, so the parent, where vipd listens, never hears that peer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vipd.core.packet import IPAddress
+from vipd.io.netlink_monitor import AddrEvent, Event, Resync
 
 log = logging.getLogger("vipd.rtnl")
 
@@ -37,7 +41,7 @@ class LinkInfo:
     mac: str
 
 
-LinkCallback = Callable[[LinkInfo], None]
+EventCallback = Callable[[Event], None]
 
 
 class Rtnl(Protocol):
@@ -47,7 +51,7 @@ class Rtnl(Protocol):
     async def addresses(self, index: int) -> list[tuple[IPInterface, int]]: ...
     async def add_address(self, index: int, addr: IPInterface) -> None: ...
     async def del_address(self, index: int, addr: IPInterface) -> None: ...
-    async def watch(self, callback: LinkCallback) -> None: ...
+    async def watch(self, callback: EventCallback) -> None: ...
     async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo: ...
     async def delete_link(self, name: str) -> None: ...
 
@@ -124,11 +128,11 @@ class PyrouteRtnl:
                 raise
 
     async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo:
-        """A private-mode macvlan (left down), replacing a stale one of the same name."""
+        """A bridge-mode macvlan (left down), replacing a stale one of the same name."""
         await self.delete_link(name)
         async with self._lock:
             await self._ipr.link("add", ifname=name, kind="macvlan", link=parent,
-                                 macvlan_mode="private", address=mac)
+                                 macvlan_mode="bridge", address=mac)
         info = await self.link(name)
         if info is None:
             raise OSError(errno.ENODEV, f"{name} vanished after creation")
@@ -141,22 +145,10 @@ class PyrouteRtnl:
         async with self._lock:
             await self._ipr.link("del", index=info.index)
 
-    async def watch(self, callback: LinkCallback) -> None:
-        from pyroute2 import AsyncIPRoute
+    async def watch(self, callback: EventCallback) -> None:
+        from vipd.io.netlink_monitor import watch
 
-        mon = AsyncIPRoute()
-        await mon.setup_endpoint()
-        await mon.bind()
-        try:
-            while True:
-                async for msg in mon.get():
-                    if msg.get("event") in ("RTM_NEWLINK", "RTM_DELLINK"):
-                        info = _link_info(msg)
-                        if msg.get("event") == "RTM_DELLINK":
-                            info = LinkInfo(info.index, info.name, False, info.mac)
-                        callback(info)
-        finally:
-            mon.close()
+        await watch(callback)
 
 
 def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
@@ -181,7 +173,8 @@ class FakeRtnl:
     links: dict[str, LinkInfo] = field(default_factory=dict)
     addrs: dict[int, list[tuple[IPInterface, int]]] = field(default_factory=dict)
     fail_adds: bool = False
-    callback: LinkCallback | None = None
+    callback: EventCallback | None = None
+    watch_failures: int = 0  # the next watches die at once (supervision tests)
 
     async def open(self) -> None:
         pass
@@ -201,15 +194,33 @@ class FakeRtnl:
         lst = self.addrs.setdefault(index, [])
         if all(a.ip != addr.ip for a, _ in lst):
             lst.append((addr, IFA_F_SECONDARY))
+            self._event(AddrEvent(index, addr, True))
 
     async def del_address(self, index: int, addr: IPInterface) -> None:
-        self.addrs[index] = [(a, f) for a, f in self.addrs.get(index, []) if a.ip != addr.ip]
+        self.remove(index, addr)
 
-    async def watch(self, callback: LinkCallback) -> None:
+    def remove(self, index: int, addr: IPInterface) -> None:
+        """Remove an address (as `ip addr del` would), with its event."""
+        before = self.addrs.get(index, [])
+        self.addrs[index] = [(a, f) for a, f in before if a.ip != addr.ip]
+        if len(self.addrs[index]) != len(before):
+            self._event(AddrEvent(index, addr, False))
+
+    def _event(self, ev: Event) -> None:
+        if self.callback is not None:
+            self.callback(ev)
+
+    async def watch(self, callback: EventCallback) -> None:
+        if self.watch_failures:
+            self.watch_failures -= 1
+            raise OSError(errno.EBADF, "monitor socket died")
         self.callback = callback
+        callback(Resync("monitor started"))
         await asyncio.Event().wait()
 
     async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo:
+        if parent not in {i.index for i in self.links.values()}:
+            raise OSError(errno.ENODEV, "No such device")
         info = LinkInfo(100 + len(self.links), name, False, mac)
         self.links[name] = info
         return info

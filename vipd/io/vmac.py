@@ -31,8 +31,15 @@ def vmac_name(parent_index: int, vrid: int, family: int = 4) -> str:
 
 
 def parent_sysctls(parent: str) -> dict[str, str]:
-    # only answer ARP for addresses on the receiving interface: the VIP lives on the macvlan
-    return {f"net/ipv4/conf/{parent}/arp_ignore": "1"}
+    return {
+        # only answer ARP for addresses on the receiving interface: the VIP lives on the
+        # macvlan, so the parent must not answer for it with its own MAC
+        f"net/ipv4/conf/{parent}/arp_ignore": "1",
+        # ARP requests the parent sends take a source address of the parent's own, never
+        # the VIP: with the VIP as source and the parent's MAC, hosts' entries for the VIP
+        # would flip to the parent's MAC (seen with accept_mode true)
+        f"net/ipv4/conf/{parent}/arp_announce": "2",
+    }
 
 
 def vmac_sysctls(name: str, family: int = 4) -> dict[str, str]:

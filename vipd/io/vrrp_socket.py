@@ -102,23 +102,6 @@ class VrrpSocket:
                                0, (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
 
 
-def latest_per_sender(batch: list[Received]) -> tuple[list[Received], int]:
-    """Keep only the newest packet per (source, VRID) of a drained batch.
-
-    After a hang the socket holds seconds of queued adverts; each one would only re-arm a
-    timer that the next one re-arms again, and decoding hundreds of them delays our own
-    adverts past the backup's Master_Down_Interval (measured: one extra backup takeover in
-    7 hangs at 10 ms adverts). Returns the kept packets, in arrival order, and how many
-    were superseded."""
-    if len(batch) < 2:
-        return batch, 0
-    last: dict[tuple[object, int], int] = {}
-    for i, (payload, meta, _age) in enumerate(batch):
-        last[meta.src, payload[1] if len(payload) > 1 else -1] = i
-    keep = sorted(last.values())
-    return [batch[i] for i in keep], len(batch) - len(keep)
-
-
 SO_ATTACH_FILTER = 26
 BPF_RET_K = 0x06
 
