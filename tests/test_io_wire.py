@@ -56,3 +56,51 @@ def test_newest_per_key_keeps_the_newest_of_each_sender_and_vrid() -> None:
     kept, superseded = newest_per_key(batch, key=lambda p: (p[0], p[1]))
     assert [p[2] for p in kept] == [3, 5, 6] and superseded == 3
     assert newest_per_key(batch[:1], key=lambda p: p) == (batch[:1], 0)
+
+
+# ---------------------------------------------------------------- rtnetlink monitor codec
+
+
+def _nlmsg(kind: int, body: bytes) -> bytes:
+    return struct.pack("=IHHII", 16 + len(body), kind, 0, 0, 0) + body
+
+
+def _rta(kind: int, value: bytes) -> bytes:
+    raw = struct.pack("=HH", 4 + len(value), kind) + value
+    return raw + b"\0" * (-len(raw) % 4)
+
+
+def test_netlink_monitor_parses_links_addresses_and_overruns() -> None:
+    from ipaddress import ip_interface
+
+    from vipd.io import netlink_monitor as nm
+
+    link = _nlmsg(nm.RTM_NEWLINK, struct.pack("=BxHiII", 0, 1, 7, 0x10041, 0)
+                  + _rta(nm.IFLA_IFNAME, b"lanA\0") + _rta(nm.IFLA_ADDRESS, bytes(range(6))))
+    gone = _nlmsg(nm.RTM_DELLINK, struct.pack("=BxHiII", 0, 1, 8, 0x10041, 0)
+                  + _rta(nm.IFLA_IFNAME, b"lanB\0"))
+    down = _nlmsg(nm.RTM_NEWLINK, struct.pack("=BxHiII", 0, 1, 7, 0x1, 0)
+                  + _rta(nm.IFLA_IFNAME, b"lanA\0"))
+    addr4 = _nlmsg(nm.RTM_DELADDR, struct.pack("=BBBBI", 2, 24, 0, 0, 7)
+                   + _rta(nm.IFA_ADDRESS, bytes([192, 0, 2, 1]))
+                   + _rta(nm.IFA_LOCAL, bytes([192, 0, 2, 1])))
+    addr6 = _nlmsg(nm.RTM_NEWADDR, struct.pack("=BBBBI", 10, 64, 0, 0, 7)
+                   + _rta(nm.IFA_ADDRESS, bytes.fromhex("20010db8000a" + "00" * 9 + "01")))
+    route = _nlmsg(24, b"\0" * 12)  # RTM_NEWROUTE: not ours, skipped
+    events = nm.parse(link + gone + down + addr4 + addr6 + route
+                      + _nlmsg(nm.NLMSG_OVERRUN, b"") + b"\x01\x02")
+    assert events == [
+        nm.LinkEvent(7, "lanA", True, "00:01:02:03:04:05"),
+        nm.LinkEvent(8, "lanB", False, "00:00:00:00:00:00", deleted=True),
+        nm.LinkEvent(7, "lanA", False, "00:00:00:00:00:00"),
+        nm.AddrEvent(7, ip_interface("192.0.2.1/24"), False),
+        nm.AddrEvent(7, ip_interface("2001:db8:a::1/64"), True),
+        nm.Resync("netlink overrun"),
+    ]
+
+
+@given(st.binary(max_size=200))
+def test_netlink_monitor_parse_never_raises(data: bytes) -> None:
+    from vipd.io.netlink_monitor import parse
+
+    assert isinstance(parse(data), list)

@@ -14,7 +14,6 @@ from vipd.config import loads
 from vipd.core.packet import (
     VRRP_GROUP_V4,
     ChecksumVariant,
-    DropReason,
     IpMeta,
     decode,
     encode_v3,

@@ -188,8 +188,12 @@ class Daemon:
     async def start(self) -> None:
         # A second vipd started by mistake stops here, before it touches anything.
         self.lock.acquire()
+        try:
+            self.lock.claim_interfaces(v.interface for v in self.cfg.vlans)
+        except BaseException:
+            self.lock.release()
+            raise
         self._locked = True
-        self.lock.claim_interfaces(v.interface for v in self.cfg.vlans)
         await self.rtnl.open()
         self.slots = build_slots(self.cfg)
         self._index_vips()
