@@ -35,16 +35,20 @@ class Speaker:
 def vipd_config(lab: Lab, router: str, priority: int, interval_ms: int,
                 families: tuple[str, ...] = ("ipv4",), preempt: bool = True,
                 garp_count: int = 3, virtual_mac: bool = False,
-                mode: str = "per-vlan-active") -> dict[str, Any]:
+                mode: str = "per-vlan-active", version: int = 3,
+                accept_mode: bool | None = None,
+                advertise_link_local: bool = True) -> dict[str, Any]:
     vlans = []
     for i, vlan in enumerate(lab.topo.vlans):
         vips = [str(lab.topo.vip(vlan, fam)) for fam in families
                 if lab.topo.vip(vlan, fam) is not None]
         vlans.append({"name": vlan, "interface": vlan, "instances": [{
             "vrid": VRID_BASE + 1 + i, "priority": priority,
-            "advert_interval": f"{interval_ms}ms", "version": 3, "preempt": preempt,
+            "advert_interval": f"{interval_ms}ms", "version": version, "preempt": preempt,
             "garp": {"count": garp_count, "interval": "100ms"}, "vips": vips,
-            **({"virtual_mac": True} if virtual_mac else {})}]})
+            **({"virtual_mac": True} if virtual_mac else {}),
+            **({} if accept_mode is None else {"accept_mode": accept_mode}),
+            **({} if advertise_link_local else {"advertise_link_local": False})}]})
     return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
             "mode": mode, "vlans": vlans}
 
@@ -92,24 +96,27 @@ def keepalived_available() -> bool:
 
 
 def keepalived_config(lab: Lab, router: str, priority: int, interval_ms: int,
-                      preempt: bool = True, garp_count: int = 3) -> str:
-    lines = ["global_defs {", f"  router_id {router}", "  vrrp_version 3",
+                      preempt: bool = True, garp_count: int = 3, family: str = "ipv4",
+                      version: int = 3, use_vmac: bool = False) -> str:
+    lines = ["global_defs {", f"  router_id {router}", f"  vrrp_version {version}",
              "  vrrp_garp_master_delay 0", f"  vrrp_garp_master_repeat {garp_count}",
              "  vrrp_garp_interval 0.1", "  enable_script_security", "}"]
     for i, vlan in enumerate(lab.topo.vlans):
-        vip = lab.topo.vip(vlan, "ipv4")
+        vip = lab.topo.vip(vlan, family)
         lines += [f"vrrp_instance {vlan} {{", "  state BACKUP", f"  interface {vlan}",
                   f"  virtual_router_id {VRID_BASE + 1 + i}", f"  priority {priority}",
                   f"  advert_int {interval_ms / 1000:g}",
                   *([] if preempt else ["  nopreempt"]),
+                  *(["  use_vmac"] if use_vmac else []),
                   "  virtual_ipaddress {", f"    {vip} dev {vlan}", "  }", "}"]
     return "\n".join(lines) + "\n"
 
 
-def start_keepalived(lab: Lab, router: str, priority: int, interval_ms: int) -> Speaker:
+def start_keepalived(lab: Lab, router: str, priority: int, interval_ms: int,
+                     **config: Any) -> Speaker:
     tag = f"{router}-{time.monotonic_ns()}"
     conf = lab.workdir / f"{tag}.keepalived.conf"
-    conf.write_text(keepalived_config(lab, router, priority, interval_ms))
+    conf.write_text(keepalived_config(lab, router, priority, interval_ms, **config))
     argv = ["keepalived", "-n", "-l", "-D", "-f", str(conf),
             "-p", str(lab.workdir / f"{tag}.pid"), "-r", str(lab.workdir / f"{tag}.vrrp.pid"),
             "-c", str(lab.workdir / f"{tag}.checker.pid"), "--vrrp"]

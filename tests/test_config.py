@@ -12,6 +12,7 @@ import pytest
 from vipd.config import (
     ConfigError,
     Mode,
+    link_local_vips,
     load,
     loads,
     parse_duration_ms,
@@ -56,6 +57,14 @@ def test_all_active_is_refused_by_the_one_verdict_check_config_and_daemon_share(
         "mode: 'all-active' is not implemented by this vipd yet (issue #10)"]
     assert check_config(str(CONFIGS / "all-active.yaml")) == 1
     assert "not implemented" in capsys.readouterr().err
+
+
+def test_advertise_link_local_off_sends_only_the_configured_ipv6_vips() -> None:
+    cfg = loads(GOOD.replace("preempt: true", "preempt: true\n        advertise_link_local: false"))
+    inst = cfg.vlans[0].instances[0]
+    v6 = router_configs(cfg.vlans[0], inst)[1]
+    assert v6.addresses == (IPv6Address("2001:db8:a::1"),)  # as keepalived sends them
+    assert [str(v) for v in link_local_vips(inst)] == ["192.0.2.1/24", "2001:db8:a::1/64"]
 
 
 def test_address_check_option() -> None:

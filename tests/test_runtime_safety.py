@@ -152,8 +152,9 @@ def test_defect10_monitor_that_dies_is_restarted_and_degrades_status(tmp_path: P
         assert d.status()["healthy"]
         # and it works: a link going down is seen
         assert w.rtnl.callback is not None
+        w.rtnl.links["lanA"] = LinkInfo(7, "lanA", False, "02:00:00:00:00:11")
         w.rtnl.callback(LinkEvent(7, "lanA", False, "02:00:00:00:00:11"))
-        await settle()
+        await settle(10)
         assert d.status()["instances"][0]["state"] == "FAULT"
 
     async def main() -> None:

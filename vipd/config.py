@@ -65,6 +65,10 @@ class InstanceConfig:
     garp_refresh_ms: int = 0
     reannounce_on_lower: bool = True
     address_check: str = "relaxed"
+    # RFC 9568 5.2.9: IPv6 adverts list the virtual router's link-local address first.
+    # keepalived 2.2 lists only the configured (global) VIPs and drops adverts whose count
+    # differs from its own, so against it this must be false.
+    advertise_link_local: bool = True
 
     def families(self) -> list[int]:
         return sorted({v.version for v in self.vips})
@@ -117,7 +121,9 @@ def router_configs(vlan: VlanConfig, inst: InstanceConfig) -> list[RouterConfig]
         if family == 6:
             lls = [a for a in addrs if a.is_link_local]
             rest = [a for a in addrs if not a.is_link_local]
-            addrs = (lls[:1] or [virtual_link_local(inst.vrid).ip]) + lls[1:] + rest
+            if not lls and inst.advertise_link_local:
+                lls = [virtual_link_local(inst.vrid).ip]
+            addrs = lls + rest
         out.append(RouterConfig(
             name=f"{vlan.name}/vrid {inst.vrid}/IPv{family}",
             vrid=inst.vrid,
@@ -141,9 +147,11 @@ def router_configs(vlan: VlanConfig, inst: InstanceConfig) -> list[RouterConfig]
 
 
 def link_local_vips(inst: InstanceConfig) -> tuple[IPInterface, ...]:
-    """The VIPs to install, with the derived link-local added for IPv6 when none is given."""
+    """The VIPs to install, with the derived link-local added for IPv6 when none is given
+    and it is advertised (or a virtual MAC needs it as the source of its NAs)."""
     vips = list(inst.vips)
-    if 6 in inst.families() and not any(v.version == 6 and v.ip.is_link_local for v in vips):
+    if (6 in inst.families() and (inst.advertise_link_local or inst.virtual_mac)
+            and not any(v.version == 6 and v.ip.is_link_local for v in vips)):
         vips.append(virtual_link_local(inst.vrid))
     return tuple(vips)
 
@@ -253,7 +261,7 @@ def _vip(v: object) -> IPInterface:
 def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None:
     known = {"vrid", "priority", "advert_interval", "version", "preempt", "preempt_delay",
              "accept_mode", "v2_compat", "checksum", "virtual_mac", "garp", "vips",
-             "reannounce_on_lower", "address_check"}
+             "reannounce_on_lower", "address_check", "advertise_link_local"}
     m = p.mapping(path, raw, known)
     if not m:
         return None
@@ -321,6 +329,8 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
                                   "is not true or false", True) is not False,
         address_check=p.get(path, m, "address_check", _one_of("relaxed", "strict"),
                             "is not relaxed or strict", "relaxed") or "relaxed",
+        advertise_link_local=p.get(path, m, "advertise_link_local", _bool,
+                                   "is not true or false", True) is not False,
     )
     if inst.v2_compat and inst.version != 3:
         p.err(f"{path}.v2_compat", True, "only applies to version 3 instances")

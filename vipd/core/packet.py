@@ -311,12 +311,18 @@ def address_diff(theirs: Iterable[IPAddress], ours: frozenset[IPAddress]) -> Add
     got = frozenset(theirs)
     if got == ours:
         return None
-    if not any(a.version == 6 and a.is_link_local for a in got):
-        ours = frozenset(a for a in ours if not (a.version == 6 and a.is_link_local))
+    if not any(_is_ll6(a) for a in got) or not any(_is_ll6(a) for a in ours):
+        # one side does not list its link-local (keepalived never does): compare the rest
+        got = frozenset(a for a in got if not _is_ll6(a))
+        ours = frozenset(a for a in ours if not _is_ll6(a))
     missing, extra = ours - got, got - ours
     if not missing and not extra:
         return None
     return AddressDiff(tuple(sorted_addresses(missing)), tuple(sorted_addresses(extra)))
+
+
+def _is_ll6(a: IPAddress) -> bool:
+    return a.version == 6 and a.is_link_local
 
 
 def sorted_addresses(addresses: Iterable[IPAddress]) -> list[IPAddress]:
