@@ -387,3 +387,16 @@ def test_recreated_interface_releases_its_old_sockets(tmp_path: Path) -> None:
     for index in (17, 27, 37):
         w.rtnl.addrs[index] = [(ip_interface("192.0.2.11/24"), 0)]
     run(tmp_path, body, w)
+
+
+def test_vipctl_text_view_shows_differences_kernel_vips_and_notes(tmp_path: Path) -> None:
+    from vipd.vipctl import render
+
+    async def body(w: World, d: Daemon) -> None:
+        w.deliver(d, advert(200, ("192.0.2.1", "192.0.2.9")))
+        text = render(d.status())
+        assert "DEGRADED" in text and "another address list" in text
+        assert "addresses differ" in text and "extra there: 192.0.2.9" in text
+        assert "VIPs in kernel" in text and "accepted, noted" in text
+
+    run(tmp_path, body)

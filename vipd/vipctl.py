@@ -57,16 +57,27 @@ def render(status: dict[str, Any]) -> str:
             ("master down", f"{_ms(i['master_down_interval_ms'])} "
                             f"(skew {_ms(i['skew_time_ms'])})"),
             ("VIPs", ", ".join(i["vips"])),
+            ("VIPs in kernel", "-" if i["vips_in_kernel"] is None else
+             (", ".join(i["vips_in_kernel"]) or "none")
+             + (f"  ({i['vips_repaired']} put back)" if i["vips_repaired"] else "")),
             ("last transition", "-" if lt is None else
              f"{lt['from']} -> {lt['to']} ({lt['cause']}), {_ago(lt['ago_s'])}"),
             ("adverts", f"{i['adverts_sent']} sent, {i['adverts_received']} received"),
             ("drops", ", ".join(f"{k} {n}" for k, n in i["drops"].items()) or "none"),
         ]
+        if i["notes"]:
+            rows.append(("accepted, noted", ", ".join(f"{k} {n}" for k, n in i["notes"].items())))
         for peer in i["peers"]:
             rows.append((f"peer {peer['address']}",
                          f"prio {peer['priority']}, v{peer['version']}, checksum "
                          f"{peer['checksum']}, {peer['adverts']} adverts, last "
                          f"{_ago(peer['last_heard_ago_s'])}"))
+            differ = peer["addresses_differ"]
+            if differ:
+                rows.append(("  addresses differ",
+                             f"missing there: {', '.join(differ['missing_there']) or '-'}; "
+                             f"extra there: {', '.join(differ['extra_there']) or '-'} "
+                             f"(address_check {i['address_check']})"))
         if i["dual_master"]:
             rows.append(("WARNING", "two masters heard recently"))
         lines.append("")

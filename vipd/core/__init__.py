@@ -1,1 +1,1 @@
-"""Pure protocol cores: no sockets, no clocks, no asyncio (see ../shared/design.md)."""
+"""Pure protocol cores: no sockets, no clocks, no asyncio (see docs/architecture.md)."""
