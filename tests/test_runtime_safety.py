@@ -400,3 +400,28 @@ def test_vipctl_text_view_shows_differences_kernel_vips_and_notes(tmp_path: Path
         assert "VIPs in kernel" in text and "accepted, noted" in text
 
     run(tmp_path, body)
+
+
+def test_defect10_failed_resync_degrades_status_and_is_retried(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        real = w.rtnl.link
+        calls = {"n": 0}
+
+        async def flaky(name: str) -> LinkInfo | None:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(errno.EBUSY, "Device or resource busy")
+            return await real(name)
+
+        w.rtnl.link = flaky  # type: ignore[method-assign]
+        assert w.rtnl.callback is not None
+        w.rtnl.callback(Resync("netlink receive buffer overrun (ENOBUFS)"))
+        await settle()
+        assert "link and address resync" in d.tasks_down and not d.status()["healthy"]
+        for _ in range(150):  # retried one second (loop time) later
+            await asyncio.sleep(0.01)
+            if not d.tasks_down:
+                break
+        assert d.tasks_down == {} and d.status()["healthy"] and calls["n"] >= 2
+
+    run(tmp_path, body)

@@ -76,6 +76,7 @@ log = logging.getLogger("vipd")
 SocketFactory = Callable[[str, int, int], VrrpTransport]
 PRECISE_LEAD_S = 0.0015
 LINK_MONITOR = "link and address monitor"
+RESYNC = "link and address resync"
 MONITOR_STARTED = "monitor started"
 Key = tuple[str, int, int]  # interface, vrid, family
 
@@ -313,7 +314,20 @@ class Daemon:
                 log.warning("%s is back", LINK_MONITOR)
         else:
             log.warning("%s: %s; dumping links and addresses again", LINK_MONITOR, ev.reason)
-        asyncio.ensure_future(self._resync())
+        self._spawn(self._resync(), RESYNC)
+
+    def _spawn(self, coro: Any, what: str) -> None:
+        """A short task whose failure is logged, not lost; a failed resync is retried and
+        keeps status degraded until one succeeds."""
+        def done(task: asyncio.Future[Any]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            log.error("%s failed: %s", what, task.exception())
+            if what == RESYNC and not self.stopping:
+                self.tasks_down[RESYNC] = f"failed: {task.exception()}"
+                self._loop.call_later(1.0, self._on_resync, Resync("retrying a failed resync"))
+
+        asyncio.ensure_future(coro).add_done_callback(done)
 
     async def _resync(self) -> None:
         """Bring the view of links and addresses back in line with the kernel."""
@@ -331,6 +345,7 @@ class Daemon:
         for slot in self.slots.values():
             if slot.router.state is State.MASTER:
                 self._queue_addr(slot, "repair")
+        self.tasks_down.pop(RESYNC, None)
 
     def _on_addr(self, ev: AddrEvent) -> None:
         held = self.kernel_addrs.get(ev.index)
@@ -345,7 +360,7 @@ class Daemon:
         if slot is None:
             iface = next((i for i in self.ifaces.values() if i.index == ev.index), None)
             if iface is not None:  # one of the interface's own addresses changed
-                asyncio.ensure_future(self._refresh_addresses(iface))
+                self._spawn(self._refresh_addresses(iface), f"{iface.name}: address refresh")
             return
         if (not ev.present and not self.stopping and slot.router.state is State.MASTER
                 and self._vip_index(slot) == ev.index and self.slots.get(slot.key) is slot):

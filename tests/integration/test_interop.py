@@ -102,6 +102,7 @@ iface, src, prio, duration = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(s
 pkt = (Ether(dst="33:33:00:00:00:12") / IPv6(src=src, dst="ff02::12", hlim=255)
        / VRRPv3(vrid=51, priority=prio, ipcount=1, adv=10, addrlist=["2001:db8:a::1"]))
 end = time.monotonic() + duration
+print("sending", flush=True)
 while time.monotonic() < end:
     sendp(pkt, iface=iface)
     time.sleep(0.1)
@@ -115,6 +116,8 @@ def test_ipv6_peer_listing_only_global_addresses_wins_over_vipd(lab: Lab) -> Non
     script.write_text(SCAPY_PEER)
     peer = lab.popen("client", [sys.executable, str(script), "eth0", "fe80::99", "200", "30"],
                      log="scapy_peer.log")
+    wait_for(lambda: "sending" in (lab.workdir / "scapy_peer.log").read_text(), 20,
+             what="the scapy peer sends")
     r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 100, 100, ("ipv6",)))
 
     def v6() -> dict:  # type: ignore[type-arg]
