@@ -78,6 +78,9 @@ PRECISE_LEAD_S = 0.0015
 LINK_MONITOR = "link and address monitor"
 RESYNC = "link and address resync"
 MONITOR_STARTED = "monitor started"
+# Drop reasons that concern a configured router (counted on it); the rest are counted on
+# the interface, before a VRID matched.
+SLOT_REASONS = frozenset({DropReason.VERSION, DropReason.V2_INTERVAL_MISMATCH})
 Key = tuple[str, int, int]  # interface, vrid, family
 
 
@@ -570,16 +573,16 @@ class Daemon:
         if meta.src in iface.own:
             drops[DropReason.OWN_PACKET] += 1
             return None
+        # The VRID first: a packet for a router we do not run costs no decoding.
+        slot = self.slots.get((iface.name, payload[1], family)) if len(payload) > 1 else None
+        if slot is None and len(payload) > 1:
+            drops[DropReason.UNKNOWN_VRID] += 1
+            return None
         try:
             adv = decode(payload, meta)
-        except DecodeError as exc:
-            drops[exc.reason] += 1
-            return None
-        slot = self.slots.get((iface.name, adv.vrid, family))
-        try:
             diff = check_against(adv, slot.view if slot else None)
         except DecodeError as exc:
-            (slot.drops if slot else drops)[exc.reason] += 1
+            (slot.drops if slot and exc.reason in SLOT_REASONS else drops)[exc.reason] += 1
             return None
         assert slot is not None
         return slot, adv, diff

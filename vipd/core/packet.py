@@ -20,6 +20,7 @@ The decoder accepts either and reports which one matched. IPv6 always uses the p
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
@@ -253,16 +254,21 @@ def _decode(payload: bytes, meta: IpMeta) -> Advert:
         raise DecodeError(DropReason.INTERVAL_ZERO)
     zeroed = payload[:6] + b"\x00\x00" + payload[8:]
     variant = _check_checksum(version, meta, zeroed, cks)
-    addrs: list[IPAddress] = []
-    for i in range(count):
-        raw = payload[_HDR.size + i * alen:_HDR.size + (i + 1) * alen]
-        addrs.append(ipaddress.IPv4Address(raw) if alen == 4 else ipaddress.IPv6Address(raw))
+    addrs = _addresses(payload[_HDR.size:_HDR.size + count * alen], alen)
     if version == 3:
-        return Advert(3, meta.family, vrid, priority, meta.src, tuple(addrs),
+        return Advert(3, meta.family, vrid, priority, meta.src, addrs,
                       max_adver_int_cs=interval, checksum_variant=variant)
     auth = payload[len(payload) - V2_AUTH_DATA_LEN:]
-    return Advert(2, 4, vrid, priority, meta.src, tuple(addrs), adver_int_s=interval,
+    return Advert(2, 4, vrid, priority, meta.src, addrs, adver_int_s=interval,
                   checksum_variant=variant, auth_type=word >> 8, auth_data=auth)
+
+
+@functools.lru_cache(maxsize=256)
+def _addresses(raw: bytes, alen: int) -> tuple[IPAddress, ...]:
+    """The address list of an advert. A peer sends the same list every interval: decoding
+    255 IPv6 addresses each time was most of a large advert's cost, so it is memoized."""
+    make = ipaddress.IPv4Address if alen == 4 else ipaddress.IPv6Address
+    return tuple(make(raw[i:i + alen]) for i in range(0, len(raw), alen))
 
 
 def _check_checksum(version: int, meta: IpMeta, zeroed: bytes, cks: int) -> ChecksumVariant:
@@ -307,7 +313,10 @@ def check_against(advert: Advert, view: ReceiverView | None) -> AddressDiff | No
     return address_diff(advert.addresses, view.addresses)
 
 
-def address_diff(theirs: Iterable[IPAddress], ours: frozenset[IPAddress]) -> AddressDiff | None:
+@functools.lru_cache(maxsize=256)
+def address_diff(theirs: tuple[IPAddress, ...],
+                 ours: frozenset[IPAddress]) -> AddressDiff | None:
+    """Memoized: the same peer sends the same list every interval."""
     got = frozenset(theirs)
     if got == ours:
         return None

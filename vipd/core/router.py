@@ -85,6 +85,10 @@ class RouterConfig:
 
 
 MISMATCH_WARN_INTERVAL = Fraction(60)  # seconds between repeated warnings per peer
+# The peer table is for the operator; a LAN full of spoofed senders must not grow it or
+# make any advert cost more. Kept in order of last advert; the oldest go first.
+MAX_PEERS = 64
+PEER_TTL = Fraction(300)  # forgotten after this long unheard (or 3 Master_Down_Intervals)
 
 
 @dataclass(slots=True)
@@ -124,6 +128,7 @@ class Counters:
     # accepted, but worth telling the operator (liberal in what we accept, loud about it)
     ipv6_not_link_local: int = 0
     address_mismatch: int = 0
+    peers_forgotten: int = 0  # aged out, or pushed out by newer senders (MAX_PEERS)
 
 
 @dataclass(slots=True)
@@ -165,6 +170,10 @@ class VirtualRouter:
         self._io_failures_in_row: dict[str, int] = {}  # per kind: "send", "VIP install"
         self._announce_round = 0
         self._last_sent_at: Seconds | None = None
+        # the last two distinct senders claiming mastership, for constant-time dual-master
+        # detection: (address, when heard)
+        self._last_claim: tuple[IPAddress, Seconds] | None = None
+        self._other_claim: tuple[IPAddress, Seconds] | None = None
 
     # ------------------------------------------------------------ derived values
 
@@ -447,20 +456,30 @@ class VirtualRouter:
             self.master_adver_interval_cs = adv.interval_cs
 
     def _note_peer(self, now: Seconds, adv: Advert, diff: AddressDiff | None) -> None:
-        seen = self.peers.get(adv.src)
+        seen = self.peers.pop(adv.src, None)  # re-inserted last: the dict stays in age order
         peer = PeerInfo(adv.priority, adv.version, adv.interval_cs, adv.checksum_variant, now,
                         adverts=(seen.adverts if seen else 0) + 1, address_diff=diff,
                         first_not_link_local=adv.first_not_link_local,
                         warned_at=seen.warned_at if seen else None,
                         warned_diff=seen.warned_diff if seen else None)
         self.peers[adv.src] = peer
+        self._forget_old_peers(now)
         if adv.first_not_link_local:
             self.counters.ipv6_not_link_local += 1
         if diff is not None:
             self.counters.address_mismatch += 1
             self._warn_mismatch(now, adv, peer, diff)
-        if self.state is State.BACKUP and adv.priority > 0:
-            self._note_backup_conflict(now, adv)
+        if adv.priority > 0:
+            self._note_claim(now, adv.src)
+
+    def _forget_old_peers(self, now: Seconds) -> None:
+        ttl = max(PEER_TTL, 3 * self.master_down_interval)
+        while self.peers:
+            src, oldest = next(iter(self.peers.items()))
+            if len(self.peers) <= MAX_PEERS and now - oldest.last_heard <= ttl:
+                return
+            del self.peers[src]
+            self.counters.peers_forgotten += 1
 
     def _warn_mismatch(self, now: Seconds, adv: Advert, peer: PeerInfo,
                        diff: AddressDiff) -> None:
@@ -484,13 +503,16 @@ class VirtualRouter:
         return [a for a, p in self.peers.items()
                 if p.address_diff is not None and now - p.last_heard <= horizon]
 
-    def _note_backup_conflict(self, now: Seconds, adv: Advert) -> None:
-        # Two different senders advertising within one Master_Down_Interval: two masters.
-        for src, p in self.peers.items():
-            if (src != adv.src and p.priority > 0
-                    and now - p.last_heard < self.master_down_interval):
-                self._note_conflict(now)
-                return
+    def _note_claim(self, now: Seconds, src: IPAddress) -> None:
+        """Two different senders claiming mastership within one Master_Down_Interval, heard
+        while BACKUP, are two masters. Constant work per advert, whatever the peer count."""
+        if self._last_claim is not None and self._last_claim[0] != src:
+            self._other_claim = self._last_claim
+        self._last_claim = (src, now)
+        other = self._other_claim
+        if (self.state is State.BACKUP and other is not None
+                and now - other[1] < self.master_down_interval):
+            self._note_conflict(now)
 
     def _note_conflict(self, now: Seconds) -> bool:
         """Two masters seen; True when this starts a new episode (counted once)."""

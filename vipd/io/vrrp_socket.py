@@ -25,6 +25,9 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 MAX_TRUSTED_AGE_S = 1.0  # older (or negative: the wall clock jumped): not trusted, use 0
 
 Received = tuple[bytes, IpMeta, float]
+# At most this many packets per read: a flood must not keep the loop from our own adverts
+# and timers (the reader is level-triggered, so the rest is read on the next turn).
+RECV_BATCH = 256
 TOS_NETWORK_CONTROL = 0xC0
 
 
@@ -33,7 +36,7 @@ class VrrpTransport(Protocol):
     family: int
 
     def fileno(self) -> int: ...
-    def recv_all(self) -> list[Received]: ...
+    def recv_all(self, limit: int = RECV_BATCH) -> list[Received]: ...
     def send(self, payload: bytes, src: IPAddress) -> None: ...
     def close(self) -> None: ...
 
@@ -80,9 +83,9 @@ class VrrpSocket:
     def close(self) -> None:
         self._sock.close()
 
-    def recv_all(self) -> list[Received]:
+    def recv_all(self, limit: int = RECV_BATCH) -> list[Received]:
         out: list[Received] = []
-        while True:
+        while len(out) < limit:
             try:
                 data, anc, _flags, addr = self._sock.recvmsg(65535, 256)
             except BlockingIOError:
@@ -90,6 +93,7 @@ class VrrpSocket:
             item = parse_ipv4(data) if self.family == 4 else parse_ipv6(data, anc, addr)
             if item is not None:
                 out.append((item[0], item[1], packet_age(anc)))
+        return out
 
     def send(self, payload: bytes, src: IPAddress) -> None:
         if self.family == 4:
@@ -166,8 +170,8 @@ class FakeVrrpTransport:
     def fileno(self) -> int:
         return -1
 
-    def recv_all(self) -> list[Received]:
-        out, self.inbox = self.inbox, []
+    def recv_all(self, limit: int = RECV_BATCH) -> list[Received]:
+        out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
 
     def send(self, payload: bytes, src: IPAddress) -> None:

@@ -1,0 +1,111 @@
+"""Issue 7: floods, bad input and resource bounds, in virtual time and through the fakes.
+The work per event is counted, not timed."""
+
+from __future__ import annotations
+
+from fractions import Fraction as F
+from ipaddress import IPv4Address, IPv6Address
+from pathlib import Path
+
+import pytest
+
+from sim import VIP, make_config
+from test_runtime import PEER, World, advert, run
+from vipd.core import packet
+from vipd.core.packet import VRRP_GROUP_V4, VRRP_GROUP_V6, Advert, ChecksumVariant, IpMeta
+from vipd.core.router import MAX_PEERS, State, VirtualRouter
+from vipd.runtime import Daemon
+
+ME = IPv4Address("192.0.2.10")
+MASTER = IPv4Address("192.0.2.20")
+
+
+def adv(priority: int, src: IPv4Address) -> Advert:
+    return Advert(3, 4, 51, priority, src, (VIP,), max_adver_int_cs=10,
+                  checksum_variant=ChecksumVariant.PSEUDO_HEADER)
+
+
+def test_spoofed_senders_are_bounded_and_the_takeover_keeps_its_time() -> None:
+    """10,000 spoofed senders at 1000/s (lower priority) while the real master advertises,
+    then the master dies: the peer table never passes MAX_PEERS, and the backup takes over
+    exactly Master_Down_Interval after the master's last advert."""
+    r = VirtualRouter(make_config(100, interval_cs=10), ME)
+    r.start(F(0))
+    now = F(0)
+    last_master = F(0)
+    for i in range(10_000):
+        now = F(i, 1000)
+        while (deadline := r.get_timer()) is not None and deadline <= now:
+            r.handle_timer(deadline)  # timers run at their exact deadline
+        if i % 10 == 0 and i < 9_000:  # the real master, every 10 ms, until 9 s
+            r.receive(now, adv(200, MASTER))
+            last_master = now
+        src = IPv4Address(int(IPv4Address("198.51.100.0")) + (i % 250) + 256 * (i // 250))
+        r.receive(now, adv(50, src))
+        assert len(r.peers) <= MAX_PEERS
+    assert r.counters.peers_forgotten >= 10_000 - MAX_PEERS
+    assert r.state is State.MASTER
+    assert r.last_transition is not None
+    assert r.last_transition.at == last_master + r.master_down_interval  # not a tick later
+
+
+def test_dual_master_detection_is_constant_work_and_still_right() -> None:
+    r = VirtualRouter(make_config(100, interval_cs=10), ME)
+    r.start(F(0))
+    for i in range(5):  # one master only: no conflict, however long
+        r.receive(F(i, 100), adv(200, MASTER))
+    assert not r.dual_master_recent(F(5, 100))
+    other = IPv4Address("192.0.2.30")
+    r.receive(F(6, 100), adv(150, other))  # a second master within the interval
+    assert r.dual_master_recent(F(6, 100)) and r.counters.dual_master_episodes == 1
+
+
+def test_large_adverts_decode_their_address_list_once() -> None:
+    addrs = [IPv6Address("fe80::1")] + [IPv6Address(f"2001:db8:a::{i:x}") for i in range(254)]
+    raw = packet.encode_v3(vrid=51, priority=100, max_adver_int_cs=10, addresses=addrs,
+                           src=IPv6Address("fe80::2"))
+    meta = IpMeta(6, IPv6Address("fe80::2"), VRRP_GROUP_V6, 255)
+    packet._addresses.cache_clear()
+    first = packet.decode(raw, meta)
+    second = packet.decode(raw, meta)
+    assert first.addresses is second.addresses and len(first.addresses) == 255
+    info = packet._addresses.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+
+def test_unknown_vrid_costs_no_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vipd.runtime as runtime
+
+    calls = {"n": 0}
+    real = runtime.decode
+
+    def counting(payload: bytes, meta: IpMeta) -> Advert:
+        calls["n"] += 1
+        return real(payload, meta)
+
+    monkeypatch.setattr(runtime, "decode", counting)
+
+    async def body(w: World, d: Daemon) -> None:
+        for _ in range(100):
+            w.deliver(d, advert(200, vrid=99))
+        assert calls["n"] == 0
+        assert d.status()["interfaces"][0]["drops"]["IPv4"]["unknown_vrid"] == 100
+        w.deliver(d, advert(200))
+        assert calls["n"] == 1
+
+    run(tmp_path, body)
+
+
+def test_receive_reads_at_most_one_batch_per_turn(tmp_path: Path) -> None:
+    from vipd.io.vrrp_socket import RECV_BATCH
+
+    async def body(w: World, d: Daemon) -> None:
+        sock = w.sockets["lanA", 4]
+        sock.inbox = [(advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.0)] * 1000
+        d._on_readable(d.ifaces["lanA"], 4)
+        assert len(sock.inbox) == 1000 - RECV_BATCH  # the rest waits for the next turn
+        inst = d.status()["instances"][0]
+        assert inst["adverts_received"] == 1  # newest valid per sender only
+        assert d.status()["interfaces"][0]["drops"]["IPv4"]["superseded"] == RECV_BATCH - 1
+
+    run(tmp_path, body)
