@@ -3,6 +3,9 @@ The work per event is counted, not timed."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import socket
 from fractions import Fraction as F
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
@@ -109,3 +112,92 @@ def test_receive_reads_at_most_one_batch_per_turn(tmp_path: Path) -> None:
         assert d.status()["interfaces"][0]["drops"]["IPv4"]["superseded"] == RECV_BATCH - 1
 
     run(tmp_path, body)
+
+
+# ---------------------------------------------------------------- the control socket
+
+
+def _connect(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.setblocking(False)
+    s.connect(path)
+    return s
+
+
+async def _read_line(s: socket.socket, timeout: float = 2.0) -> bytes:
+    loop = asyncio.get_running_loop()
+    buf = b""
+    end = loop.time() + timeout
+    while not buf.endswith(b"\n") and loop.time() < end:
+        try:
+            chunk = s.recv(65536)
+        except BlockingIOError:
+            await asyncio.sleep(0.005)
+            continue
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_control_socket_bounds_clients_idle_time_and_nesting(tmp_path: Path) -> None:
+    from vipd.io import control
+
+    async def body(w: World, d: Daemon) -> None:
+        assert d._control is not None
+        d._control.idle_timeout_s = 0.2
+        clients = [_connect(w.sock_path) for _ in range(control.MAX_CLIENTS)]
+        await asyncio.sleep(0.05)
+        extra = _connect(w.sock_path)
+        reply = json.loads(await _read_line(extra))
+        assert reply["error"]["code"] == "busy"
+        # the held connections go idle and are closed, then service resumes
+        await asyncio.sleep(0.4)
+        assert d._control.stats["idle_closed"] == control.MAX_CLIENTS
+        for c in clients + [extra]:
+            c.close()
+        s = _connect(w.sock_path)
+        s.sendall(b"[" * 30000 + b"\n")
+        assert json.loads(await _read_line(s))["error"] == {"code": "bad_json",
+                                                            "message": "nested too deeply"}
+        s.sendall(b'{"command": "status"}\n')
+        assert json.loads(await _read_line(s))["ok"] is True
+        s.close()
+        stats = d.status()["control"]
+        assert stats["refused_busy"] == 1 and stats["bad_requests"] == 1
+
+    run(tmp_path, body)
+
+
+def test_status_storm_builds_one_snapshot_per_window(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        builds = {"n": 0}
+        real = d.status
+
+        def counting() -> dict[str, object]:
+            builds["n"] += 1
+            return real()
+
+        monkeypatch.setattr(d, "status", counting)
+        replies = await asyncio.gather(*(d._handle_request({"command": "status"})
+                                         for _ in range(200)))
+        assert all(r["ok"] for r in replies) and builds["n"] == 1
+
+    run(tmp_path, body)
+
+
+def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from vipd.ratelimit import RateLimitedLog
+
+    t = {"now": 0.0}
+    rl = RateLimitedLog(logging.getLogger("t"), 10.0, clock=lambda: t["now"])
+    caplog.set_level(logging.INFO, "t")
+    sent = [rl.log(logging.INFO, "k", "same thing") for _ in range(1000)]
+    t["now"] = 11.0
+    rl.log(logging.INFO, "k", "same thing")
+    assert sum(sent) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        "same thing", "same thing (999 more like this suppressed)"]

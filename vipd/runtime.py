@@ -77,6 +77,7 @@ SocketFactory = Callable[[str, int, int], VrrpTransport]
 PRECISE_LEAD_S = 0.0015
 LINK_MONITOR = "link and address monitor"
 RESYNC = "link and address resync"
+STATUS_REUSE_S = 0.02
 MONITOR_STARTED = "monitor started"
 # Drop reasons that concern a configured router (counted on it); the rest are counted on
 # the interface, before a VRID matched.
@@ -171,6 +172,7 @@ class Daemon:
         self.tasks_down: dict[str, str] = {}  # supervised task -> why it is down
         self.task_restarts: Counter[str] = Counter()
         self._by_vip: dict[IPAddress, Slot] = {}
+        self._status_cache: tuple[float, dict[str, Any]] | None = None
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
@@ -786,7 +788,17 @@ class Daemon:
                         self.stopping)
         snap["accept_mode_enforced"] = self.accept_mode_enforced
         snap["task_restarts"] = dict(self.task_restarts)
+        if self._control is not None:
+            snap["control"] = dict(self._control.stats)
         return snap
+
+    def _shared_status(self) -> dict[str, Any]:
+        """One snapshot serves every status request of a short window: a storm of clients
+        costs one build per window, not one per client (the adverts keep their time)."""
+        now = self._loop.time()
+        if self._status_cache is None or now - self._status_cache[0] > STATUS_REUSE_S:
+            self._status_cache = (now, self.status())
+        return self._status_cache[1]
 
     def _router_view(self, slot: Slot) -> RouterView:
         index = self._vip_index(slot)
@@ -901,7 +913,7 @@ class Daemon:
     async def _handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("command")
         if cmd == "status":
-            return {"ok": True, "status": self.status()}
+            return {"ok": True, "status": self._shared_status()}
         if cmd == "maintenance":
             on = req.get("on")
             if not isinstance(on, bool):

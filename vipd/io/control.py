@@ -4,6 +4,12 @@ A request is {"command": NAME, ...}; a reply is {"ok": true, ...} or
 {"ok": false, "error": {"code": CODE, "message": TEXT}}. A bad request gets an error reply,
 never a crash; a client may send several requests on one connection.
 
+Bounded, so a storm of clients cannot take the daemon's time or descriptors: at most
+MAX_CLIENTS connections (the next ones get a "busy" error and are closed), an idle
+connection is closed after IDLE_TIMEOUT_S, a client that does not read its reply is dropped,
+requests are at most 64 KiB and any nesting depth is answered with an error; repeated
+failures are logged once per ten seconds.
+
 The caller holds the instance lock (vipd.io.lock) before `start`, so a socket found at the
 path is a stale one from a crash and is replaced; anything else there (a regular file, a
 symlink, a directory) is never deleted or followed: start refuses. `stop` removes the socket
@@ -23,18 +29,28 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vipd.io.lock import ensure_dir
+from vipd.ratelimit import RateLimitedLog
 
 log = logging.getLogger("vipd.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
+MAX_CLIENTS = 32
+IDLE_TIMEOUT_S = 10.0
+WRITE_TIMEOUT_S = 5.0
 
 
 class ControlServer:
-    def __init__(self, path: str, handler: Handler, mode: int = 0o600) -> None:
+    def __init__(self, path: str, handler: Handler, mode: int = 0o600,
+                 max_clients: int = MAX_CLIENTS, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.path, self.handler, self.mode = path, handler, mode
+        self.max_clients, self.idle_timeout_s = max_clients, idle_timeout_s
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
+        self._clients = 0
+        self.stats: dict[str, int] = {"connections": 0, "refused_busy": 0, "idle_closed": 0,
+                                      "bad_requests": 0, "internal_errors": 0}
+        self._log = RateLimitedLog(log)
 
     async def start(self) -> None:
         ensure_dir(os.path.dirname(self.path))
@@ -70,38 +86,63 @@ class ControlServer:
         self._inode = None
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.stats["connections"] += 1
+        if self._clients >= self.max_clients:
+            self.stats["refused_busy"] += 1
+            self._log.log(logging.WARNING, "busy", "control socket: more than %d clients at "
+                          "once; refusing the extra ones", self.max_clients)
+            with contextlib.suppress(Exception):
+                await self._reply(writer, _err("busy", f"more than {self.max_clients} "
+                                               "clients at once; try again"))
+            writer.close()
+            return
+        self._clients += 1
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), self.idle_timeout_s)
+                except TimeoutError:
+                    self.stats["idle_closed"] += 1
+                    return
                 except (ValueError, asyncio.LimitOverrunError):
+                    self.stats["bad_requests"] += 1
                     await self._reply(writer, _err("too_long", "request over 64 KiB"))
                     return
                 if not line:
                     return
                 await self._reply(writer, await self._dispatch(line))
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             return
         finally:
+            self._clients -= 1
             writer.close()
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
             req = json.loads(line)
+        except RecursionError:
+            self.stats["bad_requests"] += 1
+            return _err("bad_json", "nested too deeply")
         except (ValueError, UnicodeDecodeError) as exc:
-            return _err("bad_json", str(exc))
+            self.stats["bad_requests"] += 1
+            return _err("bad_json", str(exc)[:200])
         if not isinstance(req, dict) or not isinstance(req.get("command"), str):
+            self.stats["bad_requests"] += 1
             return _err("bad_request", 'a request is an object with a "command" string')
         try:
             return await self.handler(req)
         except Exception as exc:  # a handler bug must not take the daemon down
-            log.exception("control request %r failed", req.get("command"))
-            return _err("internal", f"{type(exc).__name__}: {exc}")
+            self.stats["internal_errors"] += 1
+            command = req["command"][:40]
+            if self._log.log(logging.ERROR, f"internal {command}", "control request %r "
+                             "failed: %s: %s", command, type(exc).__name__, exc):
+                log.debug("traceback", exc_info=exc)
+            return _err("internal", f"{type(exc).__name__}: {exc}"[:500])
 
     @staticmethod
     async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
         writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
-        await writer.drain()
+        await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
 
 
 def _err(code: str, message: str) -> dict[str, Any]:
