@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vipd.config import (
     ConfigError,
@@ -178,7 +181,8 @@ def test_durations(text: object, ms: int) -> None:
     assert parse_duration_ms(text) == ms
 
 
-@pytest.mark.parametrize("text", ["10", "fast", "-1s", "0.0001s", True])
+@pytest.mark.parametrize("text", ["10", "fast", "-1s", "0.0001s", True, float("inf"),
+                                  float("nan"), 1e30, "99999999999999999999s", "2000000s"])
 def test_bad_durations(text: object) -> None:
     with pytest.raises(ValueError):
         parse_duration_ms(text)
@@ -208,3 +212,102 @@ def test_checksum_variant_to_send() -> None:
         loads(GOOD.replace("preempt: true", "preempt: true\n        checksum: crc32"))
     assert ei.value.errors == [
         "vlans[0].instances[0].checksum: 'crc32' is not rfc9568 or pseudo-header"]
+
+
+# ---------------------------------------------------------------- issue 7: the loader
+
+
+def _errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as ei:
+        loads(text)
+    return ei.value.errors
+
+
+def test_infinite_and_huge_durations_are_errors_not_tracebacks() -> None:
+    assert _errors(GOOD.replace("advert_interval: 10ms", "advert_interval: .inf")) == [
+        "vlans[0].instances[0].advert_interval: inf is not a duration (like 10ms or 1s)"]
+    assert _errors(GOOD.replace("advert_interval: 10ms", "advert_interval: 1.0e+300")) == [
+        "vlans[0].instances[0].advert_interval: 1e+300 is not a duration (like 10ms or 1s)"]
+
+
+def test_duplicate_keys_are_refused_with_their_line() -> None:
+    errs = _errors(GOOD.replace("priority: 150", "priority: 150\n        priority: 10"))
+    assert len(errs) == 1 and "duplicate key 'priority' (first on line 9)" in errs[0]
+    assert "line 10, column 9" in errs[0]
+
+
+def test_deep_nesting_and_alias_bombs_give_short_errors() -> None:
+    assert _errors("[" * 100_000 + "]" * 100_000)  # an error, not a RecursionError
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    for i, name in enumerate("bcdefgh"):
+        prev = "abcdefgh"[i]
+        bomb += f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+    bomb += "node: {name: r1}\nmode: per-vlan-active\nvlans: [*h, *h, *h, *h]\n"
+    assert len(bomb) < 700
+    errs = _errors(bomb)
+    assert sum(len(e) for e in errs) < 10_000 and len(errs) <= 51
+
+
+def test_many_errors_are_capped() -> None:
+    vlans = "".join(f"  - {{name: v{i}, interface: e{i}, instances: [{{vrid: 0}}]}}\n"
+                    for i in range(200))
+    errs = _errors(f"node: {{name: r1}}\nmode: per-vlan-active\nvlans:\n{vlans}")
+    assert len(errs) == 51 and errs[-1].startswith("... and ")
+
+
+def test_file_size_and_encoding(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("# " + "x" * (2 << 20))
+    with pytest.raises(ConfigError) as ei:
+        load(big)
+    assert ei.value.errors == ["(file): over 1048576 bytes: refused"]
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(GOOD.replace("r1", "r\xe9").encode("latin-1"))
+    with pytest.raises(ConfigError) as ei:
+        load(latin)
+    assert ei.value.errors[0].startswith("(file): not UTF-8 (byte ")
+
+
+def test_falsy_values_are_values() -> None:
+    cfg = loads(GOOD.replace("control_socket: /run/vipd/test.sock",
+                             "control_socket: /run/vipd/test.sock, control_socket_mode: 0"))
+    assert cfg.node.control_socket_mode == 0
+    inst = loads(GOOD.replace("preempt: true", "preempt: false")).vlans[0].instances[0]
+    assert inst.preempt is False
+
+
+def test_check_config_names_the_file_once(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vlans: [}")
+    ko = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(bad)],
+                        capture_output=True, text=True)
+    assert ko.returncode == 1 and ko.stderr.count(str(bad)) == 1, ko.stderr
+    assert "Traceback" not in ko.stderr
+
+
+_yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.sampled_from(["node", "mode", "vlans", "name", "interface",
+                                       "instances", "vrid", "priority", "vips", "garp",
+                                       "advert_interval", "sync", "peers", "x"]),
+                      inner, max_size=5),
+    max_leaves=30)
+
+
+@settings(max_examples=400)
+@given(_yaml_values)
+def test_parse_only_ever_raises_config_error(data: object) -> None:
+    from vipd.config import parse
+
+    try:
+        parse(data)
+    except ConfigError as exc:
+        assert exc.errors and all(isinstance(e, str) and len(e) < 2000 for e in exc.errors)
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_loads_only_ever_raises_config_error(text: str) -> None:
+    with contextlib.suppress(ConfigError):
+        loads(text)
