@@ -11,6 +11,8 @@ from ipaddress import IPv4Address, IPv6Address
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sim import VIP, make_config
 from test_runtime import PEER, World, advert, run
@@ -201,3 +203,23 @@ def test_rate_limited_log_counts_what_it_suppressed(caplog: pytest.LogCaptureFix
     assert sum(sent) == 1
     assert [r.getMessage() for r in caplog.records] == [
         "same thing", "same thing (999 more like this suppressed)"]
+
+
+@settings(max_examples=500)
+@given(st.binary(max_size=300) | st.text(max_size=200).map(str.encode)
+       | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                      lambda c: st.lists(c, max_size=3)
+                      | st.dictionaries(st.sampled_from(["command", "on", "x"]), c,
+                                        max_size=3)).map(lambda v: json.dumps(v).encode()))
+def test_control_requests_always_get_a_reply(line: bytes) -> None:
+    """Any line at all: the dispatcher answers with ok or an error code, never raises."""
+    from vipd.io.control import ControlServer
+
+    async def handler(req: dict[str, object]) -> dict[str, object]:
+        if req["command"] == "boom":
+            raise RuntimeError("handler bug")
+        return {"ok": True}
+
+    server = ControlServer("/nonexistent/sock", handler)
+    reply = asyncio.run(server._dispatch(line))
+    assert reply.get("ok") is True or isinstance(reply["error"]["code"], str)
