@@ -205,6 +205,17 @@ class Lab:
                              "default", "via", str(gw.ip), "dev", "eth0"])
         self._register()
 
+    def recreate(self, router: str, seg: str) -> None:
+        """Delete a router's interface on a segment and create it again (a new ifindex),
+        with its address, as a driver reload or a hot-plugged NIC would."""
+        ns, ifname = self.ns(router), seg
+        run(["ip", "-n", ns, "link", "del", ifname])
+        self._veth(ns, ifname, seg, self.port(router, seg))
+        a = self.topo.address(seg, "ipv4", int(self.topo.routers[router]["id"]))
+        if a is not None:
+            run(["ip", "-n", ns, "addr", "add", str(a), "dev", ifname])
+        run(["ip", "-n", ns, "link", "set", ifname, "up"])
+
     def _veth(self, ns: str, ifname: str, seg: str, port: str) -> None:
         run(["ip", "link", "add", ifname, "netns", ns, "type", "veth", "peer", "name", port,
              "netns", self.switch])
