@@ -250,3 +250,14 @@ def test_garp_refresh_while_master() -> None:
     for k in range(1, 30):
         assert r.handle_timer(t0 + k) == [SendAdvert(150, 100)]
     assert r.handle_timer(t0 + 30) == [SendAdvert(150, 100), Announce(2)]
+
+
+def test_takeover_records_how_long_the_master_was_silent() -> None:
+    r = VirtualRouter(make_config(100, interval_cs=10), ME)
+    r.start(F(0))
+    r.receive(F(1, 10), advert(200, 10))
+    t = r.get_timer()
+    assert t == F(1, 10) + r.master_down_interval
+    r.handle_timer(t)
+    assert r.last_transition is not None and r.last_transition.master_silent == \
+        r.master_down_interval

@@ -301,7 +301,10 @@ class Daemon:
 
     def _vip_index(self, slot: Slot) -> int | None:
         """The link a slot's VIPs live on: its virtual-MAC macvlan, or its interface."""
-        return slot.vmac.index if slot.vmac else self.ifaces[slot.vlan.interface].index
+        if slot.vmac:
+            return slot.vmac.index
+        iface = self.ifaces.get(slot.vlan.interface)
+        return iface.index if iface else None
 
     # ------------------------------------------------------------ kernel events
 
@@ -797,7 +800,7 @@ class Daemon:
         costs one build per window, not one per client (the adverts keep their time)."""
         now = self._loop.time()
         if self._status_cache is None or now - self._status_cache[0] > STATUS_REUSE_S:
-            self._status_cache = (now, self.status())
+            self._status_cache = (now, {"ok": True, "status": self.status()})
         return self._status_cache[1]
 
     def _router_view(self, slot: Slot) -> RouterView:
@@ -847,10 +850,10 @@ class Daemon:
             self._apply(old, old.router.shutdown(now, "reload"))
             self._apply(old, old.router.release_now())  # its replacement starts afresh
             new = new_slots.get(key)
+            if old.addr_task is not None:  # its VIP removal, on the link it knows, first
+                with contextlib.suppress(Exception):
+                    await old.addr_task
             if old.vmac is not None and new is not None and new.inst.virtual_mac:
-                if old.addr_task is not None:  # the VIP removal runs on the macvlan
-                    with contextlib.suppress(Exception):
-                        await old.addr_task
                 new.vmac, old.vmac = old.vmac, None  # same name and MAC: keep the link
             else:
                 await self._drop_vmac(old)
@@ -913,7 +916,7 @@ class Daemon:
     async def _handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("command")
         if cmd == "status":
-            return {"ok": True, "status": self._shared_status()}
+            return self._shared_status()
         if cmd == "maintenance":
             on = req.get("on")
             if not isinstance(on, bool):

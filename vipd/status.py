@@ -83,7 +83,9 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
                                     ("address_mismatch", r.counters.address_mismatch)) if n},
         "last_transition": None if lt is None else {
             "from": lt.old.value, "to": lt.new.value, "cause": lt.cause,
-            "ago_s": _age(now, lt.at)},
+            "ago_s": _age(now, lt.at),
+            "master_silent_ms": None if lt.master_silent is None
+            else round(s_to_ms(lt.master_silent), 3)},
         "transitions": r.counters.transitions,
         "became_master": r.counters.became_master,
         "adverts_sent": r.counters.adverts_sent,

@@ -11,12 +11,14 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any
 
 from vipd.config import DEFAULT_CONTROL_SOCKET
 from vipd.io.control import request
 
 EXIT_OK, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
+BUSY_RETRIES = 5
 
 
 def _ms(v: float | None) -> str:
@@ -111,11 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         req = {"command": "maintenance", "on": args.onoff == "on"}
     else:
         req = {"command": "reload"}
-    try:
-        reply = request(args.socket, req)
-    except (OSError, ValueError) as exc:
-        print(f"vipctl: cannot reach vipd at {args.socket}: {exc}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            reply = request(args.socket, req)
+        except ConnectionResetError:
+            reply = {"ok": False, "error": {"code": "busy", "message": "connection reset"}}
+        except (OSError, ValueError) as exc:
+            print(f"vipctl: cannot reach vipd at {args.socket}: {exc}", file=sys.stderr)
+            return EXIT_UNREACHABLE
+        if reply.get("error", {}).get("code") != "busy" or attempt == BUSY_RETRIES:
+            break
+        time.sleep(0.05 * (attempt + 1))  # every connection was mid-request: try again
     if not reply.get("ok"):
         err = reply.get("error", {})
         print(f"vipctl: {err.get('code')}: {err.get('message')}", file=sys.stderr)

@@ -113,6 +113,8 @@ class LastTransition:
     new: State
     cause: str
     at: Seconds
+    # a takeover: how long the master we followed had been silent (its last advert to now)
+    master_silent: Seconds | None = None
 
 
 @dataclass(slots=True)
@@ -479,6 +481,9 @@ class VirtualRouter:
             if len(self.peers) <= MAX_PEERS and now - oldest.last_heard <= ttl:
                 return
             del self.peers[src]
+            if src == self.master_address and now - oldest.last_heard <= ttl:
+                self.peers[src] = oldest  # the master we follow stays listed, however many
+                continue                  # others speak (it is the newest again)
             self.counters.peers_forgotten += 1
 
     def _warn_mismatch(self, now: Seconds, adv: Advert, peer: PeerInfo,
@@ -531,6 +536,8 @@ class VirtualRouter:
         self._timers.master_down = None if self.drains else now + self.master_down_interval
 
     def _become_master(self, now: Seconds, cause: str, acts: list[Action]) -> None:
+        silent = (now - self.master_heard_at if self.state is State.BACKUP
+                  and self.master_heard_at is not None else None)
         self._timers.master_down = None
         self._timers.release = None  # still holding from a release: keep them
         self.master_address = self.primary_address
@@ -538,6 +545,8 @@ class VirtualRouter:
         self.master_heard_at = now
         self.master_adver_interval_cs = self.config.advert_interval_cs
         self._transition(now, State.MASTER, cause, acts)
+        if self.last_transition is not None:
+            self.last_transition.master_silent = silent
         self.counters.became_master += 1
         acts.append(AddVips(accept_mode=self.config.accept_mode))
         self._send(acts, self.priority, now)

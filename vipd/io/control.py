@@ -5,7 +5,9 @@ A request is {"command": NAME, ...}; a reply is {"ok": true, ...} or
 never a crash; a client may send several requests on one connection.
 
 Bounded, so a storm of clients cannot take the daemon's time or descriptors: at most
-MAX_CLIENTS connections (the next ones get a "busy" error and are closed), an idle
+MAX_CLIENTS connections; when a new one comes while all are taken, the connection idle for
+longest (and for at least MIN_IDLE_EVICT_S) is closed to make room, so idle connections can
+never lock the operator out; otherwise the newcomer gets a "busy" error. An idle
 connection is closed after IDLE_TIMEOUT_S, a client that does not read its reply is dropped,
 requests are at most 64 KiB and any nesting depth is answered with an error; repeated
 failures are logged once per ten seconds.
@@ -35,9 +37,10 @@ log = logging.getLogger("vipd.control")
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 MAX_REQUEST = 64 * 1024
-MAX_CLIENTS = 32
+MAX_CLIENTS = 256  # well under the default 1024 descriptors; all are served in turn
 IDLE_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 5.0
+MIN_IDLE_EVICT_S = 0.5
 
 
 class ControlServer:
@@ -47,10 +50,14 @@ class ControlServer:
         self.max_clients, self.idle_timeout_s = max_clients, idle_timeout_s
         self._server: asyncio.AbstractServer | None = None
         self._inode: tuple[int, int] | None = None
-        self._clients = 0
+        # open connections, in the order they last went idle: writer -> since when it has
+        # waited for a request (loop time), or None while one is being answered
+        self._clients: dict[asyncio.StreamWriter, float | None] = {}
         self.stats: dict[str, int] = {"connections": 0, "refused_busy": 0, "idle_closed": 0,
-                                      "bad_requests": 0, "internal_errors": 0}
+                                      "idle_evicted": 0, "bad_requests": 0,
+                                      "internal_errors": 0}
         self._log = RateLimitedLog(log)
+        self._encoded: tuple[dict[str, Any], bytes] | None = None
 
     async def start(self) -> None:
         ensure_dir(os.path.dirname(self.path))
@@ -87,16 +94,17 @@ class ControlServer:
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.stats["connections"] += 1
-        if self._clients >= self.max_clients:
+        if len(self._clients) >= self.max_clients and not self._evict_idle():
             self.stats["refused_busy"] += 1
-            self._log.log(logging.WARNING, "busy", "control socket: more than %d clients at "
-                          "once; refusing the extra ones", self.max_clients)
+            self._log.log(logging.WARNING, "busy", "control socket: %d requests under way "
+                          "at once; refusing the extra ones", self.max_clients)
             with contextlib.suppress(Exception):
-                await self._reply(writer, _err("busy", f"more than {self.max_clients} "
-                                               "clients at once; try again"))
+                await self._reply(writer, _err("busy", f"{self.max_clients} requests under "
+                                               "way at once; try again"))
             writer.close()
             return
-        self._clients += 1
+        loop = asyncio.get_running_loop()
+        self._clients[writer] = loop.time()
         try:
             while True:
                 try:
@@ -108,14 +116,28 @@ class ControlServer:
                     self.stats["bad_requests"] += 1
                     await self._reply(writer, _err("too_long", "request over 64 KiB"))
                     return
-                if not line:
+                if not line or writer not in self._clients:
                     return
+                self._clients[writer] = None
                 await self._reply(writer, await self._dispatch(line))
+                self._clients.pop(writer, None)  # idle again: now the newest idle one
+                self._clients[writer] = loop.time()
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
             return
         finally:
-            self._clients -= 1
+            self._clients.pop(writer, None)
             writer.close()
+
+    def _evict_idle(self) -> bool:
+        """Close the connection idle for longest; False when none has been idle long."""
+        horizon = asyncio.get_running_loop().time() - MIN_IDLE_EVICT_S
+        for w, since in self._clients.items():
+            if since is not None and since <= horizon:
+                del self._clients[w]
+                w.close()  # its readline sees end of file
+                self.stats["idle_evicted"] += 1
+                return True
+        return False
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
@@ -139,9 +161,11 @@ class ControlServer:
                 log.debug("traceback", exc_info=exc)
             return _err("internal", f"{type(exc).__name__}: {exc}"[:500])
 
-    @staticmethod
-    async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
-        writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+    async def _reply(self, writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+        # A reply object served to many clients (the shared status) is encoded once.
+        if self._encoded is None or self._encoded[0] is not reply:
+            self._encoded = (reply, json.dumps(reply, separators=(",", ":")).encode() + b"\n")
+        writer.write(self._encoded[1])
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
 
 

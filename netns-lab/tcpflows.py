@@ -1,0 +1,128 @@
+"""Long-lived TCP flows through the routers: an echo server, and a client that keeps N
+connections busy and reports which ones survived.
+
+    tcpflows.py serve [--port 5001]
+    tcpflows.py run SERVER [--flows 20] [--port 5001] [--seconds 60]
+
+The client sends 8 bytes per flow every 100 ms and expects them back; on SIGTERM (or after
+--seconds) it prints JSON: flows, broken (an error or a reset), stalled (no echo in the last
+3 s), and the longest stall of any flow in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import selectors
+import signal
+import socket
+import sys
+import time
+
+
+def serve(port: int) -> None:
+    sel = selectors.DefaultSelector()
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("0.0.0.0", port))
+    lsock.listen(256)
+    lsock.setblocking(False)
+    sel.register(lsock, selectors.EVENT_READ)
+    while True:
+        for key, _ in sel.select():
+            sock = key.fileobj
+            if sock is lsock:
+                conn, _ = lsock.accept()
+                conn.setblocking(False)
+                sel.register(conn, selectors.EVENT_READ)
+                continue
+            try:
+                data = sock.recv(4096)  # type: ignore[union-attr]
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(sock)
+                sock.close()  # type: ignore[union-attr]
+            else:
+                sock.sendall(data)  # type: ignore[union-attr]
+
+
+def run(server: str, flows: int, port: int, seconds: float) -> None:
+    stop = False
+
+    def on_signal(_s: int, _f: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    sel = selectors.DefaultSelector()
+    last: dict[int, float] = {}
+    stall: dict[int, float] = {}
+    broken: set[int] = set()
+    socks = {}
+    for i in range(flows):
+        s = socket.create_connection((server, port), timeout=5)
+        s.setblocking(False)
+        socks[i] = s
+        sel.register(s, selectors.EVENT_READ, i)
+        last[i] = time.monotonic()
+        stall[i] = 0.0
+    end = time.monotonic() + seconds
+    next_send = time.monotonic()
+    while not stop and time.monotonic() < end:
+        now = time.monotonic()
+        if now >= next_send:
+            for i, s in socks.items():
+                if i not in broken:
+                    try:
+                        s.send(b"vipdflow")
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        broken.add(i)
+            next_send = now + 0.1
+        for key, _ in sel.select(timeout=0.02):
+            i = key.data
+            try:
+                data = socks[i].recv(4096)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                broken.add(i)
+                sel.unregister(socks[i])
+                continue
+            now = time.monotonic()
+            stall[i] = max(stall[i], now - last[i])
+            last[i] = now
+    now = time.monotonic()
+    stalled = [i for i in socks if i not in broken and now - last[i] > 3.0]
+    print(json.dumps({"flows": flows, "broken": len(broken), "stalled": len(stalled),
+                      "longest_stall_ms": round(max(max(stall.values(), default=0),
+                                                    max((now - last[i] for i in socks),
+                                                        default=0)) * 1000, 1)}))
+    for s in socks.values():
+        s.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sv = sub.add_parser("serve")
+    sv.add_argument("--port", type=int, default=5001)
+    rn = sub.add_parser("run")
+    rn.add_argument("server")
+    rn.add_argument("--flows", type=int, default=20)
+    rn.add_argument("--port", type=int, default=5001)
+    rn.add_argument("--seconds", type=float, default=60)
+    args = ap.parse_args()
+    if args.cmd == "serve":
+        serve(args.port)
+    else:
+        run(args.server, args.flows, args.port, args.seconds)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
