@@ -252,3 +252,25 @@ def test_control_requests_always_get_a_reply(line: bytes) -> None:
     server = ControlServer("/nonexistent/sock", handler)
     reply = asyncio.run(server._dispatch(line))
     assert reply.get("ok") is True or isinstance(reply["error"]["code"], str)
+
+
+def test_address_list_comparison_runs_once_per_distinct_list(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vipd.core.packet import ReceiverView, check_against
+
+    calls = {"n": 0}
+    real = packet.address_diff
+
+    def counting(theirs: tuple[IPv6Address, ...], ours: frozenset[IPv6Address]) -> object:
+        calls["n"] += 1
+        return real(theirs, ours)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(packet, "address_diff", counting)
+    addrs = [IPv6Address("fe80::1")] + [IPv6Address(f"2001:db8:a::{i:x}") for i in range(254)]
+    view = ReceiverView(51, 3, frozenset(addrs[:-1]), 10)
+    raw = packet.encode_v3(vrid=51, priority=100, max_adver_int_cs=10, addresses=addrs,
+                           src=IPv6Address("fe80::2"))
+    meta = IpMeta(6, IPv6Address("fe80::2"), VRRP_GROUP_V6, 255)
+    diffs = [check_against(packet.decode(raw, meta), view) for _ in range(100)]
+    assert calls["n"] == 1 and diffs[0] is diffs[-1] and diffs[0] is not None
+    assert diffs[0].extra == (addrs[-1],)

@@ -481,6 +481,7 @@ class Daemon:
     def _usable(self, slot: Slot, iface: Interface) -> bool:
         """The link a router can run on: up, and its virtual MAC in place if it has one."""
         return iface.up and (not slot.inst.virtual_mac or slot.vmac is not None)
+
     def _close_sockets(self, iface: Interface) -> None:
         for sock in iface.sockets.values():
             if sock.fileno() >= 0:

@@ -310,13 +310,26 @@ def check_against(advert: Advert, view: ReceiverView | None) -> AddressDiff | No
         # RFC 3768 7.1: the Adver Interval must match the locally configured one
         raise DecodeError(DropReason.V2_INTERVAL_MISMATCH,
                           f"{advert.adver_int_s}s, ours {view.adver_int_cs / 100:g}s")
-    return address_diff(advert.addresses, view.addresses)
+    # A peer sends the same list every interval, and `_addresses` hands out the same tuple
+    # for the same bytes: remember the answer by identity (hashing 255 addresses per advert
+    # would cost more than comparing them).
+    key = (id(advert.addresses), id(view.addresses))
+    hit = _diff_memo.get(key)
+    if hit is not None and hit[0] is advert.addresses and hit[1] is view.addresses:
+        return hit[2]
+    diff = address_diff(advert.addresses, view.addresses)
+    if len(_diff_memo) >= 512:
+        _diff_memo.clear()
+    _diff_memo[key] = (advert.addresses, view.addresses, diff)  # holds them: ids stay theirs
+    return diff
 
 
-@functools.lru_cache(maxsize=256)
+_diff_memo: dict[tuple[int, int], tuple[tuple[IPAddress, ...], frozenset[IPAddress],
+                                        AddressDiff | None]] = {}
+
+
 def address_diff(theirs: tuple[IPAddress, ...],
                  ours: frozenset[IPAddress]) -> AddressDiff | None:
-    """Memoized: the same peer sends the same list every interval."""
     got = frozenset(theirs)
     if got == ours:
         return None

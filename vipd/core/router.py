@@ -475,11 +475,13 @@ class VirtualRouter:
             self._note_claim(now, adv.src)
 
     def _forget_old_peers(self, now: Seconds) -> None:
-        ttl = max(PEER_TTL, 3 * self.master_down_interval)
         while self.peers:
             src, oldest = next(iter(self.peers.items()))
-            if len(self.peers) <= MAX_PEERS and now - oldest.last_heard <= ttl:
+            if len(self.peers) <= MAX_PEERS and (
+                    now - oldest.last_heard <= PEER_TTL  # the common case: no timer math
+                    or now - oldest.last_heard <= 3 * self.master_down_interval):
                 return
+            ttl = max(PEER_TTL, 3 * self.master_down_interval)
             del self.peers[src]
             if src == self.master_address and now - oldest.last_heard <= ttl:
                 self.peers[src] = oldest  # the master we follow stays listed, however many
