@@ -52,7 +52,7 @@ from vipd.core.packet import (
     check_against,
     decode,
 )
-from vipd.core.policy import GROUP_FAULT, group_fault
+from vipd.core.policy import GROUP_FAULT, GroupPolicy
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
@@ -69,7 +69,7 @@ from vipd.io.vmac import (
 )
 from vipd.io.vmac import set_link_up as vmac_link_up
 from vipd.io.vrrp_socket import VrrpTransport
-from vipd.status import RouterView, snapshot
+from vipd.status import RouterView, snapshot, static_status
 
 log = logging.getLogger("vipd")
 
@@ -118,6 +118,7 @@ class Slot:
     vips: tuple[IPInterface, ...]
     drops: Counter[DropReason] = field(default_factory=Counter)
     timer: asyncio.TimerHandle | None = None
+    armed: Fraction | None = None  # the deadline `timer` is for
     addr_task: asyncio.Future[None] | None = None
     vmac: Vmac | None = None
     vips_repaired: int = 0
@@ -126,6 +127,12 @@ class Slot:
     def key(self) -> Key:
         c = self.router.config
         return (self.vlan.interface, c.vrid, c.family)
+
+    @cached_property
+    def static_status(self) -> dict[str, Any]:
+        """The configuration's part of this router's status, built once."""
+        return static_status(RouterView(self.vlan.name, self.vlan.interface, self.router,
+                                        tuple(str(v) for v in self.vips), self.drops))
 
     @cached_property
     def view(self) -> ReceiverView:
@@ -176,7 +183,7 @@ class Daemon:
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
-        self._reconciling = False
+        self.policy = GroupPolicy(cfg.mode.value)
         self.reloads = 0
         self._done = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -601,7 +608,7 @@ class Daemon:
         self._apply(slot, acts)
 
     def _on_timer(self, slot: Slot) -> None:
-        slot.timer = None
+        slot.timer = slot.armed = None
         if self.slots.get(slot.key) is not slot and not slot.router.holding_vips:
             return
         down = slot.router.master_down_timer
@@ -614,10 +621,13 @@ class Daemon:
         self._apply(slot, slot.router.handle_timer(self.now()))
 
     def _rearm(self, slot: Slot) -> None:
+        deadline = slot.router.get_timer()
         if slot.timer is not None:
+            if deadline == slot.armed:
+                return  # unchanged: no new handle (a node of 1000 routers re-arms a lot)
             slot.timer.cancel()
             slot.timer = None
-        deadline = slot.router.get_timer()
+        slot.armed = deadline
         if deadline is None:
             return
         when = float(deadline)
@@ -630,7 +640,9 @@ class Daemon:
     # ------------------------------------------------------------ actions
 
     def _apply(self, slot: Slot, actions: list[Action]) -> None:
+        group_before = self.policy.active
         transitioned = False
+        current = self.slots.get(slot.key) is slot
         for act in actions:
             if isinstance(act, SendAdvert):
                 self._send_advert(slot, act)
@@ -645,24 +657,24 @@ class Daemon:
                 self._announce(slot)
             elif isinstance(act, Transitioned):
                 transitioned = True
+                if current:
+                    self.policy.note(slot.key, act.old, act.new)
         self._rearm(slot)
-        if transitioned:
-            self._reconcile_group()
-
-    def _reconcile_group(self) -> None:
-        """Apply the mode policy (vipd.core.policy) to every router of this node."""
-        if self._reconciling or self.stopping:
+        if not transitioned or not current or self.stopping:
             return
-        self._reconciling = True
-        try:
-            fault = group_fault(self.cfg.mode.value,
-                                (s.router.state for s in self.slots.values()))
-            now = self.now()
-            for s in list(self.slots.values()):
-                if s.router.state is not State.FAULT:
-                    self._apply(s, s.router.set_drain(now, GROUP_FAULT, fault))
-        finally:
-            self._reconciling = False
+        if self.policy.active != group_before:
+            self._drain_group(self.policy.active)
+        elif slot.router.state is not State.FAULT and \
+                (GROUP_FAULT in slot.router.drains) != self.policy.active:
+            self._apply(slot, slot.router.set_drain(self.now(), GROUP_FAULT,
+                                                    self.policy.active))
+
+    def _drain_group(self, on: bool) -> None:
+        """The group fault started or ended (vipd.core.policy): tell every router, once."""
+        now = self.now()
+        for s in list(self.slots.values()):
+            if s.router.state is not State.FAULT:
+                self._apply(s, s.router.set_drain(now, GROUP_FAULT, on))
 
     def _vmac_up(self, slot: Slot, up: bool) -> bool:
         assert slot.vmac is not None
@@ -808,12 +820,12 @@ class Daemon:
         index = self._vip_index(slot)
         held = self.kernel_addrs.get(index) if index is not None else None
         return RouterView(
-            slot.vlan.name, slot.vlan.interface, slot.router, tuple(str(v) for v in slot.vips),
+            slot.vlan.name, slot.vlan.interface, slot.router, slot.static_status["vips"],
             slot.drops,
             kernel_vips=None if held is None else tuple(str(v) for v in slot.vips
                                                         if v.ip in held),
             vips_settling=slot.addr_task is not None and not slot.addr_task.done(),
-            vips_repaired=slot.vips_repaired)
+            vips_repaired=slot.vips_repaired, static=slot.static_status)
 
     def set_maintenance(self, on: bool) -> None:
         now = self.now()
@@ -862,6 +874,11 @@ class Daemon:
         added = [s for k, s in new_slots.items() if k not in kept_keys]
         self.slots = new_slots
         self._index_vips()
+        was_active = self.policy.active
+        self.policy = GroupPolicy(new_cfg.mode.value, (k for k, s in new_slots.items()
+                                                       if s.router.state is State.FAULT))
+        if self.policy.active != was_active:
+            self._drain_group(self.policy.active)
         self.lock.release_interfaces(v.interface for v in new_cfg.vlans)
         for slot in added:
             await self._ensure_interface(slot.vlan.interface)

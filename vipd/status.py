@@ -3,6 +3,7 @@ socket and rendered as text by vipctl. Times are ages in seconds relative to `no
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
@@ -26,18 +27,22 @@ class RouterView:
     kernel_vips: tuple[str, ...] | None = None
     vips_settling: bool = False
     vips_repaired: int = 0
+    static: dict[str, Any] | None = None  # static_status(), kept by whoever owns the router
 
 
-def _age(now: Fraction, t: Fraction | None) -> float | None:
-    return None if t is None else round(float(now - t), 3)
+def _age(now: float, t: Fraction | None) -> float | None:
+    return None if t is None else round(now - float(t), 3)
 
 
-def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
-    r = v.router
-    c = r.config
-    lt = r.last_transition
-    master: IPAddress | None = r.master_address if r.state in (State.BACKUP, State.MASTER) \
-        else None
+@functools.lru_cache(maxsize=8192)
+def _s(a: IPAddress) -> str:
+    """str() of an address, remembered: IPv6 formatting is slow and status repeats it."""
+    return str(a)
+
+
+def static_status(v: RouterView) -> dict[str, Any]:
+    """The part of a router's status that only its configuration decides (built once)."""
+    c = v.router.config
     return {
         "name": c.name,
         "vlan": v.vlan,
@@ -45,40 +50,51 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "vrid": c.vrid,
         "family": f"IPv{c.family}",
         "version": c.version,
-        "state": r.state.value,
         "priority": c.priority,
+        "preempt": c.preempt,
+        "accept_mode": c.accept_mode,
+        "advert_interval_ms": cs_to_ms(c.advert_interval_cs),
+        "vips": list(v.vips),
+        "address_check": "strict" if c.strict_addresses else "relaxed",
+        "checksum_sent": c.checksum.value,
+    }
+
+
+def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
+    r = v.router
+    now = float(now_s)
+    lt = r.last_transition
+    master: IPAddress | None = r.master_address if r.state in (State.BACKUP, State.MASTER) \
+        else None
+    out = dict(v.static) if v.static is not None else static_status(v)
+    out.update({
+        "state": r.state.value,
         "effective_priority": r.priority,
         "maintenance": r.maintenance,
         "drains": sorted(r.drains),
-        "preempt": c.preempt,
-        "accept_mode": c.accept_mode,
-        "primary_address": str(r.primary_address) if r.primary_address else None,
-        "master": str(master) if master else None,
+        "primary_address": _s(r.primary_address) if r.primary_address else None,
+        "master": _s(master) if master else None,
         "master_is_self": r.state is State.MASTER,
         "master_priority": r.master_priority if master else None,
         "master_heard_ago_s": _age(now, r.master_heard_at) if master else None,
-        "advert_interval_ms": cs_to_ms(c.advert_interval_cs),
         "master_adver_interval_ms": cs_to_ms(r.master_adver_interval_cs),
         "master_down_interval_ms": s_to_ms(r.master_down_interval),
         "skew_time_ms": s_to_ms(r.skew_time),
-        "vips": list(v.vips),
         "vips_in_kernel": None if v.kernel_vips is None else list(v.kernel_vips),
         "vips_settling": v.vips_settling,
         "vips_repaired": v.vips_repaired,
         "holding_vips_for_successor": r.holding_vips,
-        "address_check": "strict" if c.strict_addresses else "relaxed",
-        "checksum_sent": c.checksum.value,
         "peers": [
-            {"address": str(a), "priority": p.priority, "version": p.version,
+            {"address": _s(a), "priority": p.priority, "version": p.version,
              "interval_ms": cs_to_ms(p.interval_cs), "checksum": p.checksum.value,
              "adverts": p.adverts, "last_heard_ago_s": _age(now, p.last_heard),
              "first_address_not_link_local": p.first_not_link_local,
              "addresses_differ": None if p.address_diff is None else {
-                 "missing_there": [str(x) for x in p.address_diff.missing],
-                 "extra_there": [str(x) for x in p.address_diff.extra]}}
+                 "missing_there": [_s(x) for x in p.address_diff.missing],
+                 "extra_there": [_s(x) for x in p.address_diff.extra]}}
             for a, p in sorted(r.peers.items(), key=lambda kv: kv[0].packed)
         ],
-        "address_mismatch_peers": [str(a) for a in r.mismatched_peers(now)],
+        "address_mismatch_peers": [_s(a) for a in r.mismatched_peers(now_s)],
         "notes": {k: n for k, n in (("ipv6_not_link_local", r.counters.ipv6_not_link_local),
                                     ("address_mismatch", r.counters.address_mismatch)) if n},
         "last_transition": None if lt is None else {
@@ -94,10 +110,11 @@ def router_status(v: RouterView, now: Fraction) -> dict[str, Any]:
         "priority_zero_received": r.counters.priority_zero_received,
         "io_failures": r.counters.io_failures,
         "dual_master_episodes": r.counters.dual_master_episodes,
-        "dual_master": r.dual_master_recent(now),
+        "dual_master": r.dual_master_recent(now_s),
         "drops": {k.value: n for k, n in sorted(v.drops.items(), key=lambda kv: kv[0].value)
                   if n},
-    }
+    })
+    return out
 
 
 def router_problems(i: dict[str, Any], stopping: bool = False) -> list[str]:

@@ -5,17 +5,33 @@ interface down, or it could not hold its VIPs) drains every other router of the 
 peer takes all VLANs at once and traffic through a stateful firewall stays symmetric.
 per-vlan-active: each VLAN's election stands alone.
 all-active: TODO(#10) load sharing is not implemented; vipd.config refuses the mode.
+
+Incremental: a transition costs O(1); only when the group fault starts or ends does every
+router of the node need telling (once, O(routers)), never on every transition.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 
 from vipd.core.router import State
 
 GROUP_FAULT = "group fault"
 
 
-def group_fault(mode: str, states: Iterable[State]) -> bool:
-    """True when the other routers of the node should drain (single-active only)."""
-    return mode == "single-active" and any(s is State.FAULT for s in states)
+class GroupPolicy:
+    def __init__(self, mode: str, faulted: Iterable[Hashable] = ()) -> None:
+        self.mode = mode
+        self.faulted: set[Hashable] = set(faulted)
+
+    @property
+    def active(self) -> bool:
+        """True while the other routers of the node should drain (single-active only)."""
+        return self.mode == "single-active" and bool(self.faulted)
+
+    def note(self, key: Hashable, old: str, new: str) -> None:
+        """Record one router's transition (O(1)); compare `active` before and after."""
+        if new == State.FAULT.value:
+            self.faulted.add(key)
+        elif old == State.FAULT.value:
+            self.faulted.discard(key)

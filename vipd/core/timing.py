@@ -9,6 +9,7 @@ Nothing is truncated to whole centiseconds: a priority 1 backup at 10 ms waits 3
 
 from __future__ import annotations
 
+import functools
 from fractions import Fraction
 
 Seconds = Fraction
@@ -41,12 +42,14 @@ def s_to_ms(s: Fraction | float) -> float:
     return float(s) * 1000.0
 
 
+@functools.lru_cache(maxsize=4096)
 def skew_time(version: int, priority: int, master_adver_interval_cs: int) -> Seconds:
     if version == 2:
         return Fraction(256 - priority, 256)
     return Fraction((256 - priority) * master_adver_interval_cs, 256) / 100
 
 
+@functools.lru_cache(maxsize=4096)  # pure and called per advert: Fraction math is slow
 def master_down_interval(version: int, priority: int, master_adver_interval_cs: int) -> Seconds:
     return 3 * cs_to_s(master_adver_interval_cs) + skew_time(
         version, priority, master_adver_interval_cs

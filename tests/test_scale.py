@@ -1,0 +1,109 @@
+"""Issue 8: the work of one transition does not grow with the number of routers of the
+node. Counted, not timed: calls into the routers and timer handles created."""
+
+from __future__ import annotations
+
+import asyncio
+from ipaddress import ip_interface
+from pathlib import Path
+
+import pytest
+
+from vipd.config import loads
+from vipd.core.router import VirtualRouter
+from vipd.io.announce import FakeAnnouncer
+from vipd.io.lock import InstanceLock
+from vipd.io.nft import FakeAcceptGuard
+from vipd.io.rtnl import FakeRtnl, LinkInfo
+from vipd.io.vrrp_socket import FakeVrrpTransport
+from vipd.runtime import Daemon
+
+
+def config(sock: str, mode: str, per_vlan: int) -> str:
+    vlans = []
+    for v in range(4):
+        insts = ", ".join(
+            f"{{vrid: {i + 1}, priority: 100, advert_interval: 1s, "
+            f"vips: [198.51.100.{i % 250 + 1}/24]}}" if v == 0 else
+            f"{{vrid: {i + 1}, priority: 100, advert_interval: 1s, "
+            f"vips: ['2001:db8:{v}::{i + 1:x}/64']}}" for i in range(per_vlan))
+        vlans.append(f"  - {{name: v{v}, interface: lan{v}, instances: [{insts}]}}")
+    return (f"node: {{name: r1, control_socket: {sock}}}\nmode: {mode}\nvlans:\n"
+            + "\n".join(vlans))
+
+
+def one_transition_cost(tmp: Path, mode: str, per_vlan: int) -> dict[str, int]:
+    """Start a node of 4 x per_vlan routers, then count what ONE router's takeover costs,
+    and what one link going down costs on top of it."""
+    counts = {"set_drain": 0, "call_at": 0, "handle_timer": 0}
+
+    async def main() -> dict[str, int]:
+        rtnl = FakeRtnl()
+        for v in range(4):
+            rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
+            rtnl.addrs[10 + v] = [(ip_interface("198.51.100.250/24"), 0),
+                                  (ip_interface(f"fe80::{v + 1}/64"), 0)]
+        sock = str(tmp / f"{mode}-{per_vlan}.sock")
+        clock = {"t": 1e9}
+        d = Daemon(loads(config(sock, mode, per_vlan)), rtnl=rtnl,
+                   open_socket=lambda n, i, f: FakeVrrpTransport(n, f),
+                   announcer=FakeAnnouncer(), accept_guard=FakeAcceptGuard(),
+                   lock=InstanceLock(sock, claim_prefix=f"vipd-test{sock}/"),
+                   clock=lambda: clock["t"])
+        await d.start()
+        loop = asyncio.get_running_loop()
+        real_call_at = loop.call_at
+        real_drain = VirtualRouter.set_drain
+        real_timer = VirtualRouter.handle_timer
+
+        def call_at(*a: object, **k: object) -> asyncio.TimerHandle:
+            counts["call_at"] += 1
+            return real_call_at(*a, **k)  # type: ignore[arg-type]
+
+        def set_drain(self: VirtualRouter, *a: object) -> object:
+            counts["set_drain"] += 1
+            return real_drain(self, *a)  # type: ignore[arg-type]
+
+        def handle_timer(self: VirtualRouter, *a: object) -> object:
+            counts["handle_timer"] += 1
+            return real_timer(self, *a)  # type: ignore[arg-type]
+
+        loop.call_at = call_at  # type: ignore[method-assign]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(VirtualRouter, "set_drain", set_drain)
+            mp.setattr(VirtualRouter, "handle_timer", handle_timer)
+            slot = next(iter(d.slots.values()))
+            deadline = slot.router.get_timer()
+            assert deadline is not None
+            clock["t"] = float(deadline) + 1e-6
+            d._on_timer(slot)  # BACKUP -> MASTER for one router
+            assert slot.router.state.value == "MASTER"
+            first = dict(counts)
+            before = counts["set_drain"]
+            d._on_link(LinkInfo(10, "lan0", False, "02:00:00:00:00:11"))  # a VLAN fails
+            await asyncio.sleep(0)
+            counts["link_down_set_drain"] = counts["set_drain"] - before
+            assert {s.router.state.value for s in d.slots.values()
+                    if s.vlan.interface == "lan0"} == {"FAULT"}
+        loop.call_at = real_call_at  # type: ignore[method-assign]
+        await d.close()
+        return {**first, "link_down_set_drain": counts["link_down_set_drain"]}
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["per-vlan-active", "single-active"])
+def test_one_transition_costs_the_same_at_8_and_1000_routers(tmp_path: Path,
+                                                             mode: str) -> None:
+    small = one_transition_cost(tmp_path, mode, 2)
+    large = one_transition_cost(tmp_path, mode, 250)
+    one = {k: v for k, v in large.items() if k != "link_down_set_drain"}
+    assert one == {k: v for k, v in small.items() if k != "link_down_set_drain"}
+    assert one["set_drain"] == 0 and one["handle_timer"] == 1 and one["call_at"] <= 2
+    # a whole VLAN failing: each other router is told at most once (it was once per
+    # router per transition on 7ed180e: 250 x 1000 calls)
+    if mode == "single-active":
+        assert large["link_down_set_drain"] == 1000 - 1  # the group drain, once
+        assert small["link_down_set_drain"] == 8 - 1
+    else:
+        assert large["link_down_set_drain"] == small["link_down_set_drain"] == 0
