@@ -24,7 +24,7 @@ import functools
 import ipaddress
 import struct
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vipd.core.timing import s_to_cs
 
@@ -93,6 +93,14 @@ class IpMeta:
     src: IPAddress
     dst: IPAddress
     ttl: int  # TTL (IPv4) or hop limit (IPv6)
+    # hashed once: the receive path looks adverts up by (payload, meta) at every packet
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.family, self.src, self.dst, self.ttl)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +128,7 @@ class Advert:
     @property
     def first_not_link_local(self) -> bool:
         """RFC 9568 5.2.9 wants the IPv6 link-local address first; some senders omit it."""
-        return self.family == 6 and not self.addresses[0].is_link_local
+        return self.family == 6 and _first_not_ll(self.addresses)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +269,11 @@ def _decode(payload: bytes, meta: IpMeta) -> Advert:
     auth = payload[len(payload) - V2_AUTH_DATA_LEN:]
     return Advert(2, 4, vrid, priority, meta.src, addrs, adver_int_s=interval,
                   checksum_variant=variant, auth_type=word >> 8, auth_data=auth)
+
+
+@functools.lru_cache(maxsize=256)
+def _first_not_ll(addresses: tuple[IPAddress, ...]) -> bool:
+    return not addresses[0].is_link_local  # (a network lookup: slow, so remembered)
 
 
 @functools.lru_cache(maxsize=256)

@@ -351,6 +351,11 @@ class VirtualRouter:
             acts += self.start(now, "interface up")
         return acts
 
+    @property
+    def io_failures_pending(self) -> bool:
+        """Some I/O kind has failed since its last success (report_io has work to do)."""
+        return bool(self._io_failures_in_row)
+
     def report_io(self, now: Seconds, ok: bool, what: str = "send") -> list[Action]:
         """Feedback from the adapters: a failed send or VIP install. Repeated failures of
         one kind while master give up mastership (as carp demotes itself on send errors);
@@ -458,12 +463,17 @@ class VirtualRouter:
             self.master_adver_interval_cs = adv.interval_cs
 
     def _note_peer(self, now: Seconds, adv: Advert, diff: AddressDiff | None) -> None:
-        seen = self.peers.pop(adv.src, None)  # re-inserted last: the dict stays in age order
-        peer = PeerInfo(adv.priority, adv.version, adv.interval_cs, adv.checksum_variant, now,
-                        adverts=(seen.adverts if seen else 0) + 1, address_diff=diff,
-                        first_not_link_local=adv.first_not_link_local,
-                        warned_at=seen.warned_at if seen else None,
-                        warned_diff=seen.warned_diff if seen else None)
+        peer = self.peers.pop(adv.src, None)  # re-inserted last: the dict stays in age order
+        if peer is None:
+            peer = PeerInfo(adv.priority, adv.version, adv.interval_cs, adv.checksum_variant,
+                            now, address_diff=diff,
+                            first_not_link_local=adv.first_not_link_local)
+        else:
+            peer.priority, peer.version, peer.interval_cs = (adv.priority, adv.version,
+                                                             adv.interval_cs)
+            peer.checksum, peer.last_heard, peer.address_diff = adv.checksum_variant, now, diff
+            peer.first_not_link_local = adv.first_not_link_local
+        peer.adverts += 1
         self.peers[adv.src] = peer
         self._forget_old_peers(now)
         if adv.first_not_link_local:
@@ -478,7 +488,8 @@ class VirtualRouter:
         while self.peers:
             src, oldest = next(iter(self.peers.items()))
             if len(self.peers) <= MAX_PEERS and (
-                    now - oldest.last_heard <= PEER_TTL  # the common case: no timer math
+                    oldest.last_heard is now  # one peer only, just heard: nothing to do
+                    or now - oldest.last_heard <= PEER_TTL  # the common case
                     or now - oldest.last_heard <= 3 * self.master_down_interval):
                 return
             ttl = max(PEER_TTL, 3 * self.master_down_interval)
@@ -513,7 +524,8 @@ class VirtualRouter:
     def _note_claim(self, now: Seconds, src: IPAddress) -> None:
         """Two different senders claiming mastership within one Master_Down_Interval, heard
         while BACKUP, are two masters. Constant work per advert, whatever the peer count."""
-        if self._last_claim is not None and self._last_claim[0] != src:
+        last = self._last_claim
+        if last is not None and last[0] is not src and last[0] != src:
             self._other_claim = self._last_claim
         self._last_claim = (src, now)
         other = self._other_claim

@@ -11,6 +11,7 @@ here is the only packet parsing outside vipd.core.packet.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 import struct
@@ -28,6 +29,9 @@ Received = tuple[bytes, IpMeta, float]
 # At most this many packets per read: a flood must not keep the loop from our own adverts
 # and timers (the reader is level-triggered, so the rest is read on the next turn).
 RECV_BATCH = 256
+# The largest VRRP packet: IPv4 header with options, 8 bytes of header, 255 IPv6 addresses.
+# A 64 KiB buffer per recvmsg cost more than the rest of the receive path.
+MAX_PACKET = 60 + 8 + 255 * 16 + 8
 TOS_NETWORK_CONTROL = 0xC0
 
 
@@ -87,7 +91,7 @@ class VrrpSocket:
         out: list[Received] = []
         while len(out) < limit:
             try:
-                data, anc, _flags, addr = self._sock.recvmsg(65535, 256)
+                data, anc, _flags, addr = self._sock.recvmsg(MAX_PACKET, 256)
             except BlockingIOError:
                 return out
             item = parse_ipv4(data) if self.family == 4 else parse_ipv6(data, anc, addr)
@@ -138,23 +142,33 @@ def parse_ipv4(data: bytes) -> tuple[bytes, IpMeta] | None:
     if ihl < 20 or data[9] != IPPROTO_VRRP or len(data) < ihl:
         return None
     end = min(total, len(data)) if total >= ihl else len(data)
-    meta = IpMeta(4, ipaddress.IPv4Address(data[12:16]), ipaddress.IPv4Address(data[16:20]),
-                  data[8])
-    return data[ihl:end], meta
+    return data[ihl:end], _meta4(data[12:16], data[16:20], data[8])
+
+
+# The same few peers send every packet: one IpMeta (and address objects) per distinct
+# header, reused, so building and hashing them costs nothing per packet.
+@functools.lru_cache(maxsize=1024)
+def _meta4(src: bytes, dst: bytes, ttl: int) -> IpMeta:
+    return IpMeta(4, ipaddress.IPv4Address(src), ipaddress.IPv4Address(dst), ttl)
+
+
+@functools.lru_cache(maxsize=1024)
+def _meta6(src_text: str, dst: bytes | None, hop: int) -> IpMeta:
+    src = ipaddress.IPv6Address(src_text.split("%", 1)[0])
+    return IpMeta(6, src, VRRP_GROUP_V6 if dst is None else ipaddress.IPv6Address(dst), hop)
 
 
 def parse_ipv6(data: bytes, ancdata: list[tuple[int, int, bytes]],
                addr: tuple[object, ...]) -> tuple[bytes, IpMeta] | None:
-    hop, dst = -1, VRRP_GROUP_V6
+    hop, dst = -1, None
     for level, ctype, cdata in ancdata:
         if level != socket.IPPROTO_IPV6:
             continue
         if ctype == socket.IPV6_HOPLIMIT and len(cdata) >= 4:
             hop = struct.unpack("=i", cdata[:4])[0]
         elif ctype == socket.IPV6_PKTINFO and len(cdata) >= 16:
-            dst = ipaddress.IPv6Address(cdata[:16])
-    src_text = str(addr[0]).split("%", 1)[0]
-    return data, IpMeta(6, ipaddress.IPv6Address(src_text), dst, hop)
+            dst = bytes(cdata[:16])
+    return data, _meta6(str(addr[0]), dst, hop)
 
 
 @dataclass

@@ -1,0 +1,244 @@
+"""Scale benchmark: many virtual routers per node, vipd against keepalived in the same run.
+
+    .venv/bin/python netns-lab/bench_scale.py [--counts 250,500,1000] [--kinds vipd,keepalived]
+    .venv/bin/python netns-lab/bench_scale.py --soak-minutes 10      # 64 routers at 10 ms
+    .venv/bin/python netns-lab/bench_scale.py --summarize netns-lab/results/scale.json
+
+Topology (topologies/scale.yaml): two routers on four VLANs, N/4 virtual routers per VLAN,
+1 s adverts, one VIP each: IPv4 on lanA, IPv6 on the three others; priorities 200 (r1) and
+100 (r2); accept_mode true on vipd (keepalived accepts too) and no advertised link-local
+(keepalived does not list one). For each kind and N:
+  start      r1 alone, time until it holds all N VIPs; then r2 (staggered, as lab notes ask)
+  steady     CPU of each node over 10 s (% of one CPU, the whole process tree) and RSS
+  failover   r1's four switch ports cut: time until r2 holds all N VIPs, and the CPU time
+             r2 spent meanwhile; Master_Down_Interval is 3.609 s for r2
+  together   (vipd only: keepalived flapped for minutes and the kernel reported soft lockups
+             here) both started at once: time until r1 holds all and r2 none
+The soak runs 64 routers at 10 ms adverts and counts transitions after the election.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from lab import Lab, Topology, cleanup_on_signals, wait_for  # noqa: E402
+from scenario import Speaker, keepalived_available, start_vipd, status  # noqa: E402
+
+TOPOLOGY = HERE / "topologies" / "scale.yaml"
+VLANS = ["lanA", "lanB", "lanC", "lanD"]
+MDI_S = 3 + (256 - 100) / 256
+
+
+def vips(n: int) -> dict[str, list[str]]:
+    per = n // 4
+    out = {"lanA": [f"203.0.113.{i + 1}/24" for i in range(per)]}
+    for v in VLANS[1:]:
+        out[v] = [f"2001:db8:{v[-1].lower()}::{0x1000 + i:x}/64" for i in range(per)]
+    return out
+
+
+def vipd_cfg(lab: Lab, router: str, prio: int, n: int, interval: str = "1s") -> dict[str, Any]:
+    vlans = []
+    for v, addrs in vips(n).items():
+        vlans.append({"name": v, "interface": v, "instances": [
+            {"vrid": i + 1, "priority": prio, "advert_interval": interval, "vips": [a],
+             "accept_mode": True, "advertise_link_local": False, "garp": {"count": 1}}
+            for i, a in enumerate(addrs)]})
+    return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
+            "mode": "per-vlan-active", "vlans": vlans}
+
+
+def keepalived_cfg(router: str, prio: int, n: int) -> str:
+    lines = ["global_defs {", f"  router_id {router}", "  vrrp_version 3",
+             "  vrrp_garp_master_delay 0", "  vrrp_garp_master_repeat 1",
+             "  enable_script_security", "}"]
+    for v, addrs in vips(n).items():
+        for i, a in enumerate(addrs):
+            lines += [f"vrrp_instance {v}_{i + 1} {{", "  state BACKUP", f"  interface {v}",
+                      f"  virtual_router_id {i + 1}", f"  priority {prio}", "  advert_int 1",
+                      "  virtual_ipaddress {", f"    {a} dev {v}", "  }", "}"]
+    return "\n".join(lines) + "\n"
+
+
+def start(lab: Lab, kind: str, router: str, prio: int, n: int) -> subprocess.Popen[bytes]:
+    if kind == "vipd":
+        return start_vipd(lab, router, vipd_cfg(lab, router, prio, n)).proc
+    tag = f"{router}-{time.monotonic_ns()}"
+    conf = lab.workdir / f"{tag}.conf"
+    conf.write_text(keepalived_cfg(router, prio, n))
+    return lab.popen(router, ["keepalived", "-n", "-l", "-D", "-f", str(conf), "-p",
+                              str(lab.workdir / f"{tag}.pid"), "-r",
+                              str(lab.workdir / f"{tag}.vrrp.pid"), "-c",
+                              str(lab.workdir / f"{tag}.chk.pid"), "--vrrp"],
+                     log=f"{router}.keepalived.log")
+
+
+def held(lab: Lab, router: str, n: int) -> int:
+    """How many of the benchmark's N VIPs the router's kernel holds."""
+    want = {a.split("/")[0] for addrs in vips(n).values() for a in addrs}
+    out = lab.run(router, ["ip", "-o", "addr", "show"]).stdout
+    return sum(1 for line in out.splitlines()
+               if len(f := line.split()) > 3 and f[3].split("/")[0] in want)
+
+
+def tree(pid: int) -> list[int]:
+    pids, frontier = [pid], [pid]
+    while frontier:
+        p = frontier.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            kids = []
+        pids += [int(k) for k in kids]
+        frontier += [int(k) for k in kids]
+    return pids
+
+
+def cpu_s(pid: int) -> float:
+    total = 0.0
+    for p in tree(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+def rss_mib(pid: int) -> float:
+    total = 0
+    for p in tree(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return round(total / 1024, 1)
+
+
+def wait_count(lab: Lab, router: str, want: int, timeout: float) -> float | None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if held(lab, router, want) == want:
+            return round(time.monotonic() - t0, 2)
+        time.sleep(0.05)
+    return None
+
+
+def run_one(kind: str, n: int, together: bool) -> dict[str, Any]:
+    res: dict[str, Any] = {"kind": kind, "routers": n}
+    with Lab(Topology.load(TOPOLOGY)) as lab:
+        if together:
+            t0 = time.monotonic()
+            p1, p2 = start(lab, kind, "r1", 200, n), start(lab, kind, "r2", 100, n)
+            while time.monotonic() - t0 < 60:
+                if held(lab, "r1", n) == n and held(lab, "r2", n) == 0:
+                    res["together_converged_s"] = round(time.monotonic() - t0, 2)
+                    break
+                time.sleep(0.1)
+            else:
+                res["together_converged_s"] = None
+            return res
+        t0 = time.monotonic()
+        p1 = start(lab, kind, "r1", 200, n)
+        res["start_s"] = wait_count(lab, "r1", n, 120)
+        if res["start_s"] is not None:
+            res["start_s"] = round(time.monotonic() - t0, 2)
+        p2 = start(lab, kind, "r2", 100, n)
+        time.sleep(MDI_S + 3)
+        c1, c2, t = cpu_s(p1.pid), cpu_s(p2.pid), time.monotonic()
+        time.sleep(10)
+        dt = time.monotonic() - t
+        res["cpu_master_pct"] = round(100 * (cpu_s(p1.pid) - c1) / dt, 2)
+        res["cpu_backup_pct"] = round(100 * (cpu_s(p2.pid) - c2) / dt, 2)
+        res["rss_master_mib"], res["rss_backup_mib"] = rss_mib(p1.pid), rss_mib(p2.pid)
+        cut = lab.prepare_cut("r1", include_sync=False)
+        b0 = cpu_s(p2.pid)
+        t_cut = time.monotonic()
+        cut()
+        took = wait_count(lab, "r2", n, 60)
+        res["failover_s"] = None if took is None else round(time.monotonic() - t_cut, 2)
+        res["failover_backup_cpu_s"] = round(cpu_s(p2.pid) - b0, 2)
+    return res
+
+
+def soak(minutes: float) -> dict[str, Any]:
+    with Lab(Topology.load(TOPOLOGY)) as lab:
+        sp: dict[str, Speaker] = {}
+        for r, p in (("r1", 200), ("r2", 100)):
+            sp[r] = start_vipd(lab, r, vipd_cfg(lab, r, p, 64, "10ms"))
+        wait_for(lambda: held(lab, "r1", 64) == 64 and held(lab, "r2", 64) == 0, 30,
+                 what="r1 holds all 64")
+        time.sleep(1)
+        before = {r: sum(i["transitions"] for i in status(lab, s)["instances"])
+                  for r, s in sp.items()}
+        time.sleep(minutes * 60)
+        after = {r: sum(i["transitions"] for i in status(lab, s)["instances"])
+                 for r, s in sp.items()}
+        return {"kind": "vipd", "routers": 64, "interval_ms": 10, "minutes": minutes,
+                "spurious_transitions": sum(after[r] - before[r] for r in sp),
+                "cpu_note": "see steady-state figures"}
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = ["| kind | routers | all MASTER after start s | CPU master / backup % | "
+            "RSS master / backup MiB | failover s | backup CPU for failover s | "
+            "both at once: converged s |", "|" + " --- |" * 8]
+    for r in results:
+        if "spurious_transitions" in r:
+            continue
+        rows.append(f"| {r['kind']} | {r['routers']} | {r.get('start_s', '-')} | "
+                    f"{r.get('cpu_master_pct', '-')} / {r.get('cpu_backup_pct', '-')} | "
+                    f"{r.get('rss_master_mib', '-')} / {r.get('rss_backup_mib', '-')} | "
+                    f"{r.get('failover_s', '-')} | {r.get('failover_backup_cpu_s', '-')} | "
+                    f"{r.get('together_converged_s', '-')} |")
+    for r in results:
+        if "spurious_transitions" in r:
+            rows.append(f"\nSoak: {r['routers']} routers at {r['interval_ms']} ms adverts for "
+                        f"{r['minutes']} min: {r['spurious_transitions']} spurious transitions")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="vipd scale benchmark")
+    ap.add_argument("--counts", default="250,500,1000")
+    ap.add_argument("--kinds", default="vipd,keepalived")
+    ap.add_argument("--soak-minutes", type=float, default=0)
+    ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    ap.add_argument("--summarize")
+    args = ap.parse_args()
+    if args.summarize:
+        print(table(json.loads(Path(args.summarize).read_text())["results"]))
+        return 0
+    cleanup_on_signals()
+    results = []
+    if args.soak_minutes:
+        results.append(soak(args.soak_minutes))
+    else:
+        for n in [int(x) for x in args.counts.split(",")]:
+            for kind in args.kinds.split(","):
+                if kind == "keepalived" and not keepalived_available():
+                    continue
+                r = run_one(kind, n, together=False)
+                if kind == "vipd":
+                    r.update(run_one(kind, n, together=True))
+                print(json.dumps(r), flush=True)
+                results.append(r)
+    Path(args.out).write_text(json.dumps({"results": results}, indent=1))
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
