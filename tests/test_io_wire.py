@@ -104,3 +104,25 @@ def test_netlink_monitor_parse_never_raises(data: bytes) -> None:
     from vipd.io.netlink_monitor import parse
 
     assert isinstance(parse(data), list)
+
+
+def test_address_batch_messages_parse_as_pyroute2_reads_them() -> None:
+    from ipaddress import ip_interface
+
+    from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
+
+    from vipd.io import addr_batch as ab
+
+    for add, addr in ((True, "192.0.2.1/24"), (False, "192.0.2.1/24"),
+                      (True, "2001:db8:a::1/64")):
+        raw = ab.message((add, 7, ip_interface(addr)), 42)
+        length, kind, flags, seq, _ = struct.unpack_from("=IHHII", raw)
+        assert (length, kind, seq) == (len(raw), ab.RTM_NEWADDR if add else ab.RTM_DELADDR, 42)
+        assert flags & ab.NLM_F_ACK and bool(flags & ab.NLM_F_REPLACE) == add
+        msg = ifaddrmsg(raw)
+        msg.decode()
+        assert msg["index"] == 7 and msg["prefixlen"] == int(addr.split("/")[1])
+        assert msg.get_attr("IFA_ADDRESS") == addr.split("/")[0]
+    ack = struct.pack("=IHHII", 36, ab.NLMSG_ERROR, 0, 42, 0) + struct.pack("=i", -17) + \
+        b"\0" * 16
+    assert ab.acks(ack) == [(42, 17)] and ab.harmless(True, 17) and not ab.harmless(False, 1)

@@ -41,7 +41,7 @@ def one_transition_cost(tmp: Path, mode: str, per_vlan: int) -> dict[str, int]:
         rtnl = FakeRtnl()
         for v in range(4):
             rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
-            rtnl.addrs[10 + v] = [(ip_interface("198.51.100.250/24"), 0),
+            rtnl.addrs[10 + v] = [(ip_interface("192.0.2.250/24"), 0),
                                   (ip_interface(f"fe80::{v + 1}/64"), 0)]
         sock = str(tmp / f"{mode}-{per_vlan}.sock")
         clock = {"t": 1e9}
@@ -107,3 +107,35 @@ def test_one_transition_costs_the_same_at_8_and_1000_routers(tmp_path: Path,
         assert small["link_down_set_drain"] == 8 - 1
     else:
         assert large["link_down_set_drain"] == small["link_down_set_drain"] == 0
+
+
+def test_a_thousand_takeovers_install_in_one_batch_then_announce(tmp_path: Path) -> None:
+    async def main() -> None:
+        rtnl = FakeRtnl()
+        for v in range(4):
+            rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
+            rtnl.addrs[10 + v] = [(ip_interface("192.0.2.250/24"), 0),
+                                  (ip_interface(f"fe80::{v + 1}/64"), 0)]
+        sock = str(tmp_path / "b.sock")
+        clock = {"t": 1e9}
+        announcer = FakeAnnouncer()
+        d = Daemon(loads(config(sock, "per-vlan-active", 250)), rtnl=rtnl,
+                   open_socket=lambda n, i, f: FakeVrrpTransport(n, f),
+                   announcer=announcer, accept_guard=FakeAcceptGuard(),
+                   lock=InstanceLock(sock, claim_prefix=f"vipd-test{sock}/"),
+                   clock=lambda: clock["t"])
+        await d.start()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        clock["t"] = max(float(s.router.get_timer() or 0) for s in d.slots.values()) + 1e-6
+        for slot in d.slots.values():  # every router's Master_Down_Timer, in one turn
+            d._on_timer(slot)
+        assert announcer.rounds == []  # nothing announced before its VIPs are in
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert rtnl.batches == [1750]  # one round trip for all (IPv6: + the link-local)
+        assert len(announcer.rounds) == 1000
+        assert sum(len(a) for a in rtnl.addrs.values()) == 1750 + 8
+        await d.close()
+
+    asyncio.run(main())

@@ -125,6 +125,8 @@ class Slot:
     addr_task: asyncio.Future[None] | None = None
     vmac: Vmac | None = None
     vips_repaired: int = 0
+    installing: bool = False  # an add of this slot's VIPs is queued or under way
+    announce_after_install: bool = False
 
     @cached_property
     def key(self) -> Key:
@@ -183,6 +185,9 @@ class Daemon:
         self.task_restarts: Counter[str] = Counter()
         self._by_vip: dict[IPAddress, Slot] = {}
         self._status_cache: tuple[float, dict[str, Any]] | None = None
+        self._addr_queue: list[tuple[Slot, str]] = []
+        self._addr_flush: asyncio.Future[None] | None = None
+        self._addr_lock = asyncio.Lock()
         self.ifaces: dict[str, Interface] = {}
         self.slots: dict[Key, Slot] = {}
         self.stopping = False
@@ -673,7 +678,10 @@ class Daemon:
                 if slot.router.config.priority != OWNER_PRIORITY:  # never our real address
                     self._queue_addr(slot, "remove")
             elif isinstance(act, Announce):
-                self._announce(slot)
+                if slot.installing:  # announced once the VIPs are in the kernel
+                    slot.announce_after_install = True
+                else:
+                    self._announce(slot)
             elif isinstance(act, Transitioned):
                 transitioned = True
                 if current:
@@ -732,17 +740,12 @@ class Daemon:
             self._apply(slot, follow)
 
     def _announce(self, slot: Slot) -> None:
-        iface = self.ifaces[slot.vlan.interface]
-        if iface.index is None:
+        iface = self.ifaces.get(slot.vlan.interface)
+        if iface is None or iface.index is None:
             return
         name, index, mac = iface.name, iface.index, iface.mac
         if slot.vmac is not None:
             name, index, mac = slot.vmac.name, slot.vmac.index, slot.vmac.mac
-            task = slot.addr_task
-            if slot.router.config.family == 6 and task is not None and not task.done():
-                # an NA from the macvlan needs its (virtual) link-local source installed
-                task.add_done_callback(lambda _t: self._announce_if_master(slot))
-                return
         try:
             self.announcer.announce(name, index, mac, slot.router.config.addresses)
         except OSError as exc:
@@ -753,56 +756,107 @@ class Daemon:
             self._announce(slot)
 
     def _queue_addr(self, slot: Slot, op: str) -> None:
-        """Queue "add", "remove" or "repair" for a slot's VIPs; a slot's ops run in order."""
-        prev = slot.addr_task
-        slot.addr_task = asyncio.ensure_future(self._addr_op(slot, op, prev))
+        """Queue "add", "remove" or "repair" for a slot's VIPs. The adds and removes of
+        every router queued in one turn of the loop reach the kernel as one batch
+        (vipd.io.addr_batch), in order: 1000 routers taking over cost one round trip.
+        A repair dumps the link first and adds what is missing."""
+        self._addr_queue.append((slot, op))
+        if op == "add":
+            slot.installing = True
+        if self._addr_flush is None:
+            self._addr_flush = asyncio.ensure_future(self._flush_addrs())
+        slot.addr_task = self._addr_flush
 
-    async def _addr_op(self, slot: Slot, op: str, prev: asyncio.Future[None] | None) -> None:
-        if prev is not None:
-            with contextlib.suppress(Exception):
-                await prev
-        name = slot.router.config.name
-        index = self._vip_index(slot)
-        add = op != "remove"
-        try:
-            if index is None:
-                raise OSError("interface missing")
-            vips = slot.vips
-            if op == "repair":
-                if slot.router.state is not State.MASTER:
-                    return
-                held = {a.ip for a, _ in await self.rtnl.addresses(index)}
-                self.kernel_addrs[index] = held
-                vips = tuple(v for v in slot.vips if v.ip not in held)
-                if not vips:
-                    return
-            held_now = self.kernel_addrs.setdefault(index, set())
-            for vip in vips:
-                if add:
-                    await self.rtnl.add_address(index, vip)
-                    held_now.add(vip.ip)
+    async def _flush_addrs(self) -> None:
+        async with self._addr_lock:  # the previous flush finishes first: order is kept
+            self._addr_flush = None
+            queue, self._addr_queue = self._addr_queue, []
+            batch: list[tuple[Slot, str, int | None]] = []
+            for slot, op in queue:
+                if op == "repair":
+                    await self._run_batch(batch)
+                    batch = []
+                    await self._repair(slot)
                 else:
-                    await self.rtnl.del_address(index, vip)
-                    held_now.discard(vip.ip)
-            if not add and slot.vmac is not None:
-                self._vmac_up(slot, False)  # a backup never sends from the virtual MAC
-        except Exception as exc:  # netlink errors come in several types
-            log.warning("%s: VIP %s failed: %s", name, "install" if add else "removal", exc)
+                    batch.append((slot, op, self._vip_index(slot)))
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: list[tuple[Slot, str, int | None]]) -> None:
+        if not batch:
+            return
+        ops = [(op == "add", index, vip) for slot, op, index in batch if index is not None
+               for vip in slot.vips]
+        t0 = self._loop.time()
+        try:
+            results = iter(await self.rtnl.apply_addresses(ops)) if ops else iter(())
+        except Exception as exc:  # the whole batch failed: every op of it failed
+            failed: list[OSError | None] = [OSError(str(exc))] * len(ops)
+            results = iter(failed)
+        done = 0
+        for slot, op, index in batch:
+            add = op == "add"
+            errors = [e for e in (next(results) for _ in slot.vips) if e] if index is not None \
+                else [OSError("interface missing")]
+            self._addr_outcome(slot, add, index, errors)
+            done += not errors
+        if len(batch) > 8:
+            log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", done, len(ops),
+                     (self._loop.time() - t0) * 1000)
+
+    def _addr_outcome(self, slot: Slot, add: bool, index: int | None,
+                      errors: list[OSError]) -> None:
+        name = slot.router.config.name
+        if add:
+            slot.installing = False
+        if errors:
+            log.warning("%s: VIP %s failed: %s", name, "install" if add else "removal",
+                        errors[0])
             if add:
+                slot.announce_after_install = False
                 self._apply(slot, slot.router.report_io(self.now(), False, "VIP install"))
                 if slot.router.state is State.MASTER:  # try again, one interval later
                     self._loop.call_later(float(slot.router.advertisement_interval),
                                           self._retry_install, slot)
             return
+        assert index is not None
+        held = self.kernel_addrs.setdefault(index, set())
         if add:
-            slot.router.report_io(self.now(), True, "VIP install")
-        if op == "repair":
-            slot.vips_repaired += len(vips)
-            log.warning("%s: VIP %s removed from outside while MASTER: restored", name,
-                        ", ".join(str(v) for v in vips))
-            self._announce(slot)
+            held.update(v.ip for v in slot.vips)
+            if slot.router.io_failures_pending:
+                slot.router.report_io(self.now(), True, "VIP install")
+            if slot.announce_after_install:  # the order: VIPs installed, then announced
+                slot.announce_after_install = False
+                self._announce_if_master(slot)
         else:
-            log.info("%s: VIPs %s", name, "added" if add else "removed")
+            held.difference_update(v.ip for v in slot.vips)
+            if slot.vmac is not None:
+                self._vmac_up(slot, False)  # a backup never sends from the virtual MAC
+        log.debug("%s: VIPs %s", name, "added" if add else "removed")
+
+    async def _repair(self, slot: Slot) -> None:
+        """Put back VIPs that someone removed while we are master (the kernel is the
+        truth: dump the link, add what is missing)."""
+        index = self._vip_index(slot)
+        if slot.router.state is not State.MASTER or index is None:
+            return
+        try:
+            held = {a.ip for a, _ in await self.rtnl.addresses(index)}
+            self.kernel_addrs[index] = held
+            missing = tuple(v for v in slot.vips if v.ip not in held)
+            if not missing or slot.router.state is not State.MASTER:
+                return
+            errors = [e for e in await self.rtnl.apply_addresses(
+                [(True, index, v) for v in missing]) if e]
+        except Exception as exc:
+            errors = [OSError(str(exc))]
+        if errors:
+            self._addr_outcome(slot, True, index, errors)
+            return
+        held.update(v.ip for v in missing)
+        slot.vips_repaired += len(missing)
+        log.warning("%s: VIP %s removed from outside while MASTER: restored",
+                    slot.router.config.name, ", ".join(str(v) for v in missing))
+        self._announce(slot)
 
     def _retry_install(self, slot: Slot) -> None:
         if slot.router.state is State.MASTER and self.slots.get(slot.key) is slot:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vipd.core.packet import IPAddress
+from vipd.io.addr_batch import AddrBatcher, Op
 from vipd.io.netlink_monitor import AddrEvent, Event, Resync
 
 log = logging.getLogger("vipd.rtnl")
@@ -51,6 +52,7 @@ class Rtnl(Protocol):
     async def addresses(self, index: int) -> list[tuple[IPInterface, int]]: ...
     async def add_address(self, index: int, addr: IPInterface) -> None: ...
     async def del_address(self, index: int, addr: IPInterface) -> None: ...
+    async def apply_addresses(self, ops: list[Op]) -> list[OSError | None]: ...
     async def watch(self, callback: EventCallback) -> None: ...
     async def create_macvlan(self, parent: int, name: str, mac: str) -> LinkInfo: ...
     async def delete_link(self, name: str) -> None: ...
@@ -70,17 +72,27 @@ class PyrouteRtnl:
     def __init__(self) -> None:
         self._ipr: Any = None
         self._lock = asyncio.Lock()
+        self._batcher: AddrBatcher | None = None
 
     async def open(self) -> None:
         from pyroute2 import AsyncIPRoute
 
         self._ipr = AsyncIPRoute()
         await self._ipr.setup_endpoint()
+        self._batcher = AddrBatcher()
 
     async def close(self) -> None:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._batcher is not None:
+            self._batcher.close()
+            self._batcher = None
+
+    async def apply_addresses(self, ops: list[Op]) -> list[OSError | None]:
+        """Many address changes in one netlink round trip (vipd.io.addr_batch)."""
+        assert self._batcher is not None
+        return self._batcher.apply(ops)
 
     async def link(self, name: str) -> LinkInfo | None:
         # Read the reply to its end: a dump left unfinished makes the next request EBUSY.
@@ -175,6 +187,7 @@ class FakeRtnl:
     fail_adds: bool = False
     callback: EventCallback | None = None
     watch_failures: int = 0  # the next watches die at once (supervision tests)
+    batches: list[int] = field(default_factory=list)  # size of each apply_addresses call
 
     async def open(self) -> None:
         pass
@@ -198,6 +211,17 @@ class FakeRtnl:
 
     async def del_address(self, index: int, addr: IPInterface) -> None:
         self.remove(index, addr)
+
+    async def apply_addresses(self, ops: list[Op]) -> list[OSError | None]:
+        self.batches.append(len(ops))
+        out: list[OSError | None] = []
+        for add, index, addr in ops:
+            try:
+                await (self.add_address(index, addr) if add else self.del_address(index, addr))
+                out.append(None)
+            except OSError as exc:
+                out.append(exc)
+        return out
 
     def remove(self, index: int, addr: IPInterface) -> None:
         """Remove an address (as `ip addr del` would), with its event."""
