@@ -77,7 +77,7 @@ async def main(n: int) -> None:
                                                 addresses=V6, src=src6), m6),
     }
     iface = d.ifaces["lan0"]
-    for name, (payload, meta) in list(cases.items())[:int(__import__("os").environ.get("CASES","9"))]:
+    for name, (payload, meta) in cases.items():
         t0 = time.perf_counter()
         for _ in range(n):
             d.receive(iface, meta.family, payload, meta)

@@ -69,6 +69,17 @@ def start_vipd(lab: Lab, router: str, config: dict[str, Any],
     return Speaker(router, proc, "vipd", path, sock)
 
 
+def start_pair(lab: Lab, interval_ms: int, **config: Any) -> tuple[Speaker, Speaker]:
+    """vipd on r1 (priority 200) and r2 (100), with `config` for vipd_config; returns once
+    r1 holds both VLANs' VIPs and r2 is backup."""
+    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, interval_ms, **config))
+    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, interval_ms, **config))
+    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
+             what="r1 elected")
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
+    return r1, r2
+
+
 def rewrite_config(speaker: Speaker, config: dict[str, Any]) -> None:
     speaker.config.write_text(yaml.safe_dump(config))
 

@@ -87,11 +87,12 @@ def advert(priority: int, addrs: tuple[str, ...] = ("192.0.2.1",), vrid: int = 5
 
 
 def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]],
-        world: World | None = None) -> None:
-    """Start a daemon in `world` (default: one VLAN), run `body`, always close it."""
+        world: World | None = None, **daemon: Any) -> None:
+    """Start a daemon in `world` (default: one VLAN; `daemon` adds Daemon arguments), run
+    `body`, always close it."""
     async def main() -> None:
         w = world or World(tmp)
-        d = await w.daemon()
+        d = await w.daemon(**daemon)
         try:
             await body(w, d)
         finally:

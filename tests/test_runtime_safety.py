@@ -157,14 +157,7 @@ def test_defect10_monitor_that_dies_is_restarted_and_degrades_status(tmp_path: P
         await settle(10)
         assert d.status()["instances"][0]["state"] == "FAULT"
 
-    async def main() -> None:
-        d = await w.daemon()
-        try:
-            await body(w, d)
-        finally:
-            await d.close()
-
-    asyncio.run(main())
+    run(tmp_path, body, w)
 
 
 def test_defect10_overrun_resyncs_links_and_addresses_from_a_dump(tmp_path: Path) -> None:
@@ -297,18 +290,10 @@ def test_defect9_reload_with_a_vmac_vlan_on_a_missing_interface_applies_whole(
         assert "vmac8.52" in w.rtnl.links
         assert {i["vlan"]: i["state"] for i in d.status()["instances"]}["lan-b"] == "BACKUP"
 
-    async def main() -> None:
-        w = World(tmp_path)
-        cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
-        d = await w.daemon(config_path=str(cfg_path), sysctl=FakeSysctl(),
-                           open_send_socket=w.open_socket,
-                           set_link_up=lambda name, up: None)
-        try:
-            await body(w, d)
-        finally:
-            await d.close()
-
-    asyncio.run(main())
+    w = World(tmp_path)
+    cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
+    run(tmp_path, body, w, config_path=str(cfg_path), sysctl=FakeSysctl(),
+        open_send_socket=w.open_socket, set_link_up=lambda name, up: None)
 
 
 def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
@@ -318,37 +303,33 @@ def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
 
     cfg_path = tmp_path / "vipd.yaml"
 
-    async def main() -> None:
-        w = World(tmp_path)
-        w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
-        w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
-        cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
-        d = await w.daemon(config_path=str(cfg_path), sysctl=FakeSysctl(),
-                           open_send_socket=w.open_socket, set_link_up=lambda n, u: None)
-        try:
-            master(w, d)
-            await settle()
-            slot = next(iter(d.slots.values()))
-            timer = slot.router.get_timer()
+    async def body(w: World, d: Daemon) -> None:
+        master(w, d)
+        await settle()
+        slot = next(iter(d.slots.values()))
+        timer = slot.router.get_timer()
 
-            async def no_macvlan(parent: int, name: str, mac: str) -> LinkInfo:
-                raise OSError(errno.EOPNOTSUPP, "macvlan: Operation not supported")
+        async def no_macvlan(parent: int, name: str, mac: str) -> LinkInfo:
+            raise OSError(errno.EOPNOTSUPP, "macvlan: Operation not supported")
 
-            w.rtnl.create_macvlan = no_macvlan  # type: ignore[method-assign]
-            cfg_path.write_text(RELOAD.replace("SOCK", w.sock_path).replace(
-                "priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]",
-                "priority: 160, advert_interval: 100ms, vips: [192.0.2.1/24]"))
-            with pytest.raises(ConfigError, match="cannot create macvlan"):
-                await d.reload()
-            assert next(iter(d.slots.values())) is slot and len(d.slots) == 1
-            assert slot.router.state.value == "MASTER" and slot.router.get_timer() == timer
-            assert slot.router.config.priority == 150 and d.reloads == 0
-            assert VIP in [a for a, _ in w.rtnl.addrs[7]] and d.status()["healthy"]
-            assert "lanB" not in d.ifaces
-        finally:
-            await d.close()
+        w.rtnl.create_macvlan = no_macvlan  # type: ignore[method-assign]
+        cfg_path.write_text(RELOAD.replace("SOCK", w.sock_path).replace(
+            "priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]",
+            "priority: 160, advert_interval: 100ms, vips: [192.0.2.1/24]"))
+        with pytest.raises(ConfigError, match="cannot create macvlan"):
+            await d.reload()
+        assert next(iter(d.slots.values())) is slot and len(d.slots) == 1
+        assert slot.router.state.value == "MASTER" and slot.router.get_timer() == timer
+        assert slot.router.config.priority == 150 and d.reloads == 0
+        assert VIP in [a for a, _ in w.rtnl.addrs[7]] and d.status()["healthy"]
+        assert "lanB" not in d.ifaces
 
-    asyncio.run(main())
+    w = World(tmp_path)
+    w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
+    w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
+    cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
+    run(tmp_path, body, w, config_path=str(cfg_path), sysctl=FakeSysctl(),
+        open_send_socket=w.open_socket, set_link_up=lambda n, u: None)
 
 
 # ---------------------------------------------------------------- defect 11: nftables

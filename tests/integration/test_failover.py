@@ -18,6 +18,7 @@ from scenario import (
     Speaker,
     holder,
     rewrite_config,
+    start_pair,
     start_vipd,
     states,
     status,
@@ -29,12 +30,7 @@ INTERVAL_MS = 100  # Master_Down_Interval about 0.36 s for the priority 100 back
 
 
 def pair(lab: Lab, families: tuple[str, ...] = ("ipv4",)) -> tuple[Speaker, Speaker]:
-    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS, families))
-    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, INTERVAL_MS, families))
-    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
-             what="r1 elected")
-    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
-    return r1, r2
+    return start_pair(lab, INTERVAL_MS, families=families)
 
 
 def test_election_and_status(lab: Lab) -> None:

@@ -15,6 +15,7 @@ from scenario import (
     Speaker,
     holder,
     rewrite_config,
+    start_pair,
     start_vipd,
     states,
     status,
@@ -25,13 +26,8 @@ from scenario import (
 INTERVAL_MS = 100
 
 
-def pair(lab: Lab, **kw: object) -> tuple[Speaker, Speaker]:
-    r1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, INTERVAL_MS, **kw))  # type: ignore[arg-type]
-    r2 = start_vipd(lab, "r2", vipd_config(lab, "r2", 100, INTERVAL_MS, **kw))  # type: ignore[arg-type]
-    wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 10,
-             what="r1 elected")
-    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"}, 5, what="r2 backup")
-    return r1, r2
+def pair(lab: Lab, **config: object) -> tuple[Speaker, Speaker]:
+    return start_pair(lab, INTERVAL_MS, **config)
 
 
 def steady(what: str, check: object, seconds: float) -> None:
