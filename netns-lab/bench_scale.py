@@ -40,6 +40,7 @@ MDI_S = 3 + (256 - 100) / 256
 
 
 def vips(n: int) -> dict[str, list[str]]:
+    """N/4 VIPs per VLAN (N a multiple of 4)."""
     per = n // 4
     out = {"lanA": [f"203.0.113.{i + 1}/24" for i in range(per)]}
     for v in VLANS[1:]:
@@ -212,7 +213,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="vipd scale benchmark")
-    ap.add_argument("--counts", default="250,500,1000")
+    ap.add_argument("--counts", default="248,500,1000")  # multiples of 4
     ap.add_argument("--kinds", default="vipd,keepalived")
     ap.add_argument("--soak-minutes", type=float, default=0)
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
@@ -226,7 +227,7 @@ def main() -> int:
     if args.soak_minutes:
         results.append(soak(args.soak_minutes))
     else:
-        for n in [int(x) for x in args.counts.split(",")]:
+        for n in [int(x) // 4 * 4 for x in args.counts.split(",")]:
             for kind in args.kinds.split(","):
                 if kind == "keepalived" and not keepalived_available():
                     continue
