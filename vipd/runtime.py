@@ -75,6 +75,7 @@ log = logging.getLogger("vipd")
 
 SocketFactory = Callable[[str, int, int], VrrpTransport]
 PRECISE_LEAD_S = 0.0015
+RX_COALESCE_S = 0.002
 LINK_MONITOR = "link and address monitor"
 RESYNC = "link and address resync"
 STATUS_REUSE_S = 0.02
@@ -96,6 +97,7 @@ class Interface:
     own: set[IPAddress] = field(default_factory=set)
     drops: dict[int, Counter[DropReason]] = field(
         default_factory=lambda: {4: Counter(), 6: Counter()})
+    deferred: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # _on_wakeup
     # adverts that passed every check, by (payload, IP metadata): see Daemon._validate
     accepted: dict[tuple[bytes, IpMeta], tuple[Slot, Advert, AddressDiff | None]] = field(
         default_factory=dict)
@@ -120,8 +122,8 @@ class Slot:
     router: VirtualRouter
     vips: tuple[IPInterface, ...]
     drops: Counter[DropReason] = field(default_factory=Counter)
-    timer: asyncio.TimerHandle | None = None
-    armed: Fraction | None = None  # the deadline `timer` is for
+    wake_at: float | None = None  # loop time of this router's armed wake-up
+    armed: Fraction | None = None  # the deadline that wake-up is for
     addr_task: asyncio.Future[None] | None = None
     vmac: Vmac | None = None
     vips_repaired: int = 0
@@ -185,6 +187,8 @@ class Daemon:
         self.task_restarts: Counter[str] = Counter()
         self._by_vip: dict[IPAddress, Slot] = {}
         self._status_cache: tuple[float, dict[str, Any]] | None = None
+        self._wakeups: dict[float, dict[int, Slot]] = {}  # loop time -> routers due then
+        self._wake_handles: dict[float, asyncio.TimerHandle] = {}
         self._addr_queue: list[tuple[Slot, str]] = []
         self._addr_flush: asyncio.Future[None] | None = None
         self._addr_lock = asyncio.Lock()
@@ -257,8 +261,7 @@ class Daemon:
             if slot.addr_task is not None:
                 with contextlib.suppress(Exception):
                     await slot.addr_task
-            if slot.timer:
-                slot.timer.cancel()
+            self._unschedule(slot)
         await self.close()
         self._done.set()
 
@@ -480,7 +483,7 @@ class Daemon:
                     continue
                 iface.sockets[fam] = sock
                 if sock.fileno() >= 0:
-                    self._loop.add_reader(sock.fileno(), self._on_readable, iface, fam)
+                    self._loop.add_reader(sock.fileno(), self._on_wakeup, iface, fam)
         await self._refresh_addresses(iface)
         if self._locked:
             for slot in self._slots_on(iface.name):
@@ -498,6 +501,9 @@ class Daemon:
         return iface.up and (not slot.inst.virtual_mac or slot.vmac is not None)
 
     def _close_sockets(self, iface: Interface) -> None:
+        for handle in iface.deferred.values():
+            handle.cancel()
+        iface.deferred.clear()
         for sock in iface.sockets.values():
             if sock.fileno() >= 0:
                 self._loop.remove_reader(sock.fileno())
@@ -563,6 +569,30 @@ class Daemon:
             slot.router.link_up = False
         self._apply(slot, slot.router.start(now, cause))
 
+    def _on_wakeup(self, iface: Interface, family: int) -> None:
+        """A socket became readable: read it RX_COALESCE_S later, so a burst (a peer's
+        1000 routers advertise in one instant) costs one wake-up, not hundreds. Adverts
+        are dated by the kernel (SO_TIMESTAMPNS), so the delay moves no timer, and a
+        takeover falling due meanwhile reads the socket first (_on_timer)."""
+        sock = iface.sockets.get(family)
+        if sock is None or family in iface.deferred:
+            return
+        self._loop.remove_reader(sock.fileno())
+        iface.deferred[family] = self._loop.call_later(RX_COALESCE_S, self._read_deferred,
+                                                       iface, family)
+
+    def _read_deferred(self, iface: Interface, family: int) -> None:
+        if iface.deferred.pop(family, None) is None:
+            return
+        sock = iface.sockets.get(family)
+        if sock is None:
+            return
+        try:
+            self._on_readable(iface, family)
+        finally:
+            if iface.sockets.get(family) is sock:
+                self._loop.add_reader(sock.fileno(), self._on_wakeup, iface, family)
+
     def _on_readable(self, iface: Interface, family: int) -> None:
         sock = iface.sockets.get(family)
         if sock is None:
@@ -624,9 +654,14 @@ class Daemon:
         self._apply(slot, acts)
 
     def _on_timer(self, slot: Slot) -> None:
-        slot.timer = slot.armed = None
+        slot.armed = None
         if self.slots.get(slot.key) is not slot and not slot.router.holding_vips:
             return
+        if slot.router.master_down_timer is not None:
+            # an advert may be waiting in a deferred read: hear it before taking over
+            iface = self.ifaces.get(slot.vlan.interface)
+            if iface is not None and slot.router.config.family in iface.deferred:
+                self._read_deferred(iface, slot.router.config.family)
         deadline = slot.router.get_timer()
         if deadline is not None and float(deadline) - self._clock() > 2 * PRECISE_LEAD_S:
             self._rearm(slot)  # woken for a deadline that has since moved later
@@ -643,14 +678,13 @@ class Daemon:
     def _rearm(self, slot: Slot) -> None:
         """Keep one wake-up per router at or before its next deadline. A deadline that moves
         later (a backup's Master_Down_Timer, pushed at every advert) keeps the armed
-        wake-up, which re-arms when it comes: one timer handle per Master_Down_Interval,
-        not one per advert (1000 routers re-arm a lot)."""
+        wake-up, which re-arms when it comes. Routers due at the same instant share one
+        loop timer (adverts go out on a common grid: 1000 routers, one wake-up)."""
         deadline = slot.router.get_timer()
-        if slot.timer is not None:
+        if slot.wake_at is not None:
             if deadline is not None and slot.armed is not None and slot.armed <= deadline:
                 return
-            slot.timer.cancel()
-            slot.timer = None
+            self._unschedule(slot)
         slot.armed = deadline
         if deadline is None:
             return
@@ -659,7 +693,27 @@ class Daemon:
             # asyncio's epoll wait rounds up to whole milliseconds: a takeover would start
             # up to 1 ms late. Wake a little early and sleep the rest precisely.
             when -= PRECISE_LEAD_S
-        slot.timer = self._loop.call_at(when, self._on_timer, slot)
+        due = self._wakeups.get(when)
+        if due is None:
+            due = self._wakeups[when] = {}
+            self._wake_handles[when] = self._loop.call_at(when, self._on_wakeups, when)
+        due[id(slot)] = slot
+        slot.wake_at = when
+
+    def _unschedule(self, slot: Slot) -> None:
+        when, slot.wake_at = slot.wake_at, None
+        due = self._wakeups.get(when) if when is not None else None
+        if due is not None:
+            due.pop(id(slot), None)
+            if not due:
+                del self._wakeups[when]  # type: ignore[arg-type]
+                self._wake_handles.pop(when).cancel()  # type: ignore[arg-type]
+
+    def _on_wakeups(self, when: float) -> None:
+        self._wake_handles.pop(when, None)
+        for slot in self._wakeups.pop(when, {}).values():
+            slot.wake_at = None
+            self._on_timer(slot)
 
     # ------------------------------------------------------------ actions
 
