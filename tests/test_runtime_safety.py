@@ -406,3 +406,25 @@ def test_defect10_failed_resync_degrades_status_and_is_retried(tmp_path: Path) -
         assert d.tasks_down == {} and d.status()["healthy"] and calls["n"] >= 2
 
     run(tmp_path, body)
+
+
+def test_a_takeover_due_during_a_deferred_read_hears_the_waiting_advert_first(
+        tmp_path: Path) -> None:
+    """Reads are deferred by RX_COALESCE_S to batch bursts; a Master_Down_Timer expiring
+    in that window must not take over while the master's advert waits in the socket."""
+    async def body(w: World, d: Daemon) -> None:
+        slot = next(iter(d.slots.values()))
+        w.deliver(d, advert(200))  # a master is heard
+        iface = d.ifaces["lanA"]
+        # received (kernel time) 2 ms ago, before the deadline below; not read yet
+        w.sockets["lanA", 4].inbox.append((advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255),
+                                           0.002))
+        iface.deferred[4] = asyncio.get_running_loop().call_later(60, lambda: None)
+        deadline = slot.router.master_down_timer
+        assert deadline is not None
+        w.t = float(deadline) + 1e-6
+        d._on_timer(slot)
+        assert slot.router.state.value == "BACKUP"
+        assert slot.router.counters.adverts_received == 2 and not iface.deferred
+
+    run(tmp_path, body)

@@ -590,7 +590,7 @@ class Daemon:
         try:
             self._on_readable(iface, family)
         finally:
-            if iface.sockets.get(family) is sock:
+            if iface.sockets.get(family) is sock and sock.fileno() >= 0:
                 self._loop.add_reader(sock.fileno(), self._on_wakeup, iface, family)
 
     def _on_readable(self, iface: Interface, family: int) -> None:
