@@ -525,16 +525,27 @@ class Daemon:
                 slot.router.primary_address = iface.primary.get(slot.router.config.family)
 
     async def _remove_leftovers(self, slots: Iterable[Slot]) -> None:
-        """VIPs of ours left on an interface by a crash: nobody elected us, remove them."""
+        """VIPs of ours left on an interface by a crash: nobody elected us, remove them.
+        One dump and one batch per interface, whatever the number of routers."""
+        by_iface: dict[str, list[Slot]] = {}
         for slot in slots:
-            iface = self.ifaces[slot.vlan.interface]
-            if iface.index is None or slot.router.config.priority == OWNER_PRIORITY:
+            if slot.router.config.priority != OWNER_PRIORITY:
+                by_iface.setdefault(slot.vlan.interface, []).append(slot)
+        for name, group in by_iface.items():
+            iface = self.ifaces[name]
+            if iface.index is None:
                 continue
             present = {a.ip for a, _ in await self.rtnl.addresses(iface.index)}
-            for vip in slot.vips:
-                if vip.ip in present:
-                    log.info("%s: removing leftover VIP %s", slot.router.config.name, vip)
-                    await self.rtnl.del_address(iface.index, vip)
+            stale = [(slot, vip) for slot in group for vip in slot.vips if vip.ip in present]
+            if not stale:
+                continue
+            for slot, vip in stale:
+                log.info("%s: removing leftover VIP %s", slot.router.config.name, vip)
+            for (slot, vip), err in zip(stale, await self.rtnl.apply_addresses(
+                    [(False, iface.index, vip) for _, vip in stale]), strict=True):
+                if err is not None:
+                    log.warning("%s: cannot remove leftover VIP %s: %s",
+                                slot.router.config.name, vip, err)
             await self._refresh_addresses(iface)
 
     def _on_link(self, info: LinkInfo) -> None:
