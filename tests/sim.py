@@ -16,13 +16,11 @@ from vipd.core.advert import encode_advert, receiver_view
 from vipd.core.packet import (
     VRRP_GROUP_V4,
     VRRP_GROUP_V6,
-    DecodeError,
     DropReason,
     IPAddress,
     IpMeta,
-    check_against,
-    decode,
 )
+from vipd.core.receive import Dropped, Receiver
 from vipd.core.router import RouterConfig, State, VirtualRouter
 
 VIP = IPv4Address("192.0.2.1")
@@ -45,6 +43,7 @@ class Node:
     sent: list[bytes] = field(default_factory=list)
     drops: dict[DropReason, int] = field(default_factory=dict)
     alive: bool = True
+    receiver: Receiver[Node] = field(default_factory=Receiver)
 
     @property
     def state(self) -> State:
@@ -145,17 +144,19 @@ class Segment:
                 self._deliver(n, sender, raw)
 
     def _deliver(self, node: Node, sender: Node, raw: bytes) -> None:
+        """The daemon's receive path (vipd.core.receive), then the router's."""
         family = sender.address.version
         meta = IpMeta(family, sender.address, VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6,
                       255)
         cfg = node.router.config
         view = receiver_view(cfg)
-        try:
-            adv = decode(raw, meta)
-            diff = check_against(adv, view if adv.vrid == cfg.vrid else None)
-        except DecodeError as exc:
-            node.drops[exc.reason] = node.drops.get(exc.reason, 0) + 1
+        got = node.receiver.check(raw, meta, {node.address},
+                                  lambda vrid: (node, view) if vrid == cfg.vrid else None,
+                                  lambda n: True)
+        if isinstance(got, Dropped):
+            node.drops[got.reason] = node.drops.get(got.reason, 0) + 1
             return
+        _node, adv, diff = got
         acts, dropped = node.router.handle_advert(self.now, adv, diff)
         if dropped is not None:
             node.drops[dropped] = node.drops.get(dropped, 0) + 1

@@ -81,16 +81,16 @@ def test_large_adverts_decode_their_address_list_once() -> None:
 
 
 def test_unknown_vrid_costs_no_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import vipd.runtime as runtime
+    import vipd.core.receive as receive
 
     calls = {"n": 0}
-    real = runtime.decode
+    real = receive.decode
 
     def counting(payload: bytes, meta: IpMeta) -> Advert:
         calls["n"] += 1
         return real(payload, meta)
 
-    monkeypatch.setattr(runtime, "decode", counting)
+    monkeypatch.setattr(receive, "decode", counting)
 
     async def body(w: World, d: Daemon) -> None:
         for _ in range(100):

@@ -44,15 +44,13 @@ from vipd.core.batch import newest_per_key
 from vipd.core.packet import (
     AddressDiff,
     Advert,
-    DecodeError,
     DropReason,
     IPAddress,
     IpMeta,
     ReceiverView,
-    check_against,
-    decode,
 )
 from vipd.core.policy import GROUP_FAULT, GroupPolicy
+from vipd.core.receive import Dropped, Receiver
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
 from vipd.io.announce import Announcer
 from vipd.io.control import ControlServer
@@ -80,9 +78,6 @@ LINK_MONITOR = "link and address monitor"
 RESYNC = "link and address resync"
 STATUS_REUSE_S = 0.02
 MONITOR_STARTED = "monitor started"
-# Drop reasons that concern a configured router (counted on it); the rest are counted on
-# the interface, before a VRID matched.
-SLOT_REASONS = frozenset({DropReason.VERSION, DropReason.V2_INTERVAL_MISMATCH})
 Key = tuple[str, int, int]  # interface, vrid, family
 
 
@@ -98,9 +93,8 @@ class Interface:
     drops: dict[int, Counter[DropReason]] = field(
         default_factory=lambda: {4: Counter(), 6: Counter()})
     deferred: dict[int, asyncio.TimerHandle] = field(default_factory=dict)  # _on_wakeup
-    # adverts that passed every check, by (payload, IP metadata): see Daemon._validate
-    accepted: dict[tuple[bytes, IpMeta], tuple[Slot, Advert, AddressDiff | None]] = field(
-        default_factory=dict)
+    receivers: dict[int, Receiver[Slot]] = field(
+        default_factory=lambda: {4: Receiver(), 6: Receiver()})
 
 
 @dataclass
@@ -630,32 +624,17 @@ class Daemon:
 
     def _validate(self, iface: Interface, family: int, payload: bytes,
                   meta: IpMeta) -> tuple[Slot, Advert, AddressDiff | None] | None:
-        """Decode and check one packet; count its drop reason if it fails."""
-        drops = iface.drops[family]
-        if meta.src in iface.own:
-            drops[DropReason.OWN_PACKET] += 1
-            return None
-        # A peer sends the same bytes every interval: what passed every check before passes
-        # again, as long as the router it was checked against is still the one running.
-        memo = iface.accepted.get((payload, meta))
-        if memo is not None and self.slots.get(memo[0].key) is memo[0]:
-            return memo
-        # The VRID first: a packet for a router we do not run costs no decoding.
-        slot = self.slots.get((iface.name, payload[1], family)) if len(payload) > 1 else None
-        if slot is None and len(payload) > 1:
-            drops[DropReason.UNKNOWN_VRID] += 1
-            return None
-        try:
-            adv = decode(payload, meta)
-            diff = check_against(adv, slot.view if slot else None)
-        except DecodeError as exc:
-            (slot.drops if slot and exc.reason in SLOT_REASONS else drops)[exc.reason] += 1
-            return None
-        assert slot is not None
-        if len(iface.accepted) >= 1024:
-            iface.accepted.clear()
-        iface.accepted[(payload, meta)] = (slot, adv, diff)
-        return slot, adv, diff
+        """Check one packet (vipd.core.receive); count its drop reason if it fails."""
+        got = iface.receivers[family].check(
+            payload, meta, iface.own,
+            lambda vrid: (s, s.view) if (s := self.slots.get((iface.name, vrid, family)))
+            else None,
+            lambda s: self.slots.get(s.key) is s)
+        if not isinstance(got, Dropped):
+            return got
+        slot = got.target
+        (slot.drops if slot is not None else iface.drops[family])[got.reason] += 1
+        return None
 
     def _deliver(self, slot: Slot, adv: Advert, diff: AddressDiff | None,
                  at: Fraction) -> None:
