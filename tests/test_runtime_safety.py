@@ -428,3 +428,30 @@ def test_a_takeover_due_during_a_deferred_read_hears_the_waiting_advert_first(
         assert slot.router.counters.adverts_received == 2 and not iface.deferred
 
     run(tmp_path, body)
+
+
+def test_each_virtual_mac_is_made_once_at_start(tmp_path: Path) -> None:
+    from vipd.io.vmac import FakeSysctl
+
+    w = World(tmp_path)
+    w.cfg = loads(CONFIG.replace("SOCK", w.sock_path).replace(
+        "vips: [192.0.2.1/24]}", "vips: [192.0.2.1/24], virtual_mac: true}"))
+    made: list[str] = []
+    real = w.rtnl.create_macvlan
+
+    async def counting(parent: int, name: str, mac: str) -> LinkInfo:
+        made.append(name)
+        return await real(parent, name, mac)
+
+    w.rtnl.create_macvlan = counting  # type: ignore[method-assign]
+    sent: list[object] = []
+
+    def send_socket(name: str, index: int, family: int) -> object:
+        sent.append(name)
+        return w.open_socket(name, index, family)
+
+    async def body(w: World, d: Daemon) -> None:
+        assert made == ["vmac7.51"] and sent == ["vmac7.51"]
+
+    run(tmp_path, body, w, sysctl=FakeSysctl(), open_send_socket=send_socket,
+        set_link_up=lambda n, u: None)

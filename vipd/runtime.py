@@ -176,6 +176,7 @@ class Daemon:
         self.control_path = control_socket or cfg.node.control_socket
         self.lock = lock or InstanceLock(self.control_path)
         self._locked = False  # nothing is touched, nor cleaned up, without the lock
+        self._running = False  # start() has finished
         self.kernel_addrs: dict[int, set[IPAddress]] = {}  # per link index we care about
         self.tasks_down: dict[str, str] = {}  # supervised task -> why it is down
         self.task_restarts: Counter[str] = Counter()
@@ -219,8 +220,8 @@ class Daemon:
         for slot in self.slots.values():
             await self._ensure_interface(slot.vlan.interface)
         for slot in self.slots.values():
-            if slot.inst.virtual_mac:
-                await self._setup_vmac(slot)
+            if slot.inst.virtual_mac and slot.vmac is None:
+                await self._setup_vmac(slot)  # at start, a macvlan that cannot be made is fatal
         await self._remove_leftovers(self.slots.values())
         await self._apply_accept_mode()
         self._control = ControlServer(self.control_path, self._handle_request,
@@ -230,6 +231,7 @@ class Daemon:
                                            lambda: self.rtnl.watch(self._on_event)))
         for slot in self.slots.values():
             self._start_slot(slot, "startup")
+        self._running = True
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.slots), len(self.ifaces), self.cfg.mode.value)
 
@@ -479,7 +481,7 @@ class Daemon:
                 if sock.fileno() >= 0:
                     self._loop.add_reader(sock.fileno(), self._on_wakeup, iface, fam)
         await self._refresh_addresses(iface)
-        if self._locked:
+        if self._running:  # an interface appearing later (at start: see start())
             for slot in self._slots_on(iface.name):
                 if slot.inst.virtual_mac and slot.vmac is None:
                     try:
