@@ -159,7 +159,7 @@ class Ctx:
 
 
 def slowest_status_ms(ctx: Ctx, sp: Speaker, seconds: float) -> float:
-    from vipd.io.control import request
+    from vipd.io.control_client import request
 
     assert sp.socket is not None
     worst, end = 0.0, time.monotonic() + seconds

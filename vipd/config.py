@@ -29,11 +29,11 @@ import yaml
 from vipd.core.packet import ChecksumVariant, IPAddress
 from vipd.core.router import RouterConfig
 from vipd.core.timing import ms_to_s
+from vipd.defaults import DEFAULT_CONTROL_SOCKET
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 T = TypeVar("T")
 
-DEFAULT_CONTROL_SOCKET = "/run/vipd/vipd.sock"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_ERRORS = 50
 MAX_DURATION_MS = 86_400_000  # one day: anything longer is a typo, not a timer

@@ -14,8 +14,8 @@ import sys
 import time
 from typing import Any
 
-from vipd.config import DEFAULT_CONTROL_SOCKET
-from vipd.io.control import request
+from vipd.defaults import DEFAULT_CONTROL_SOCKET
+from vipd.io.control_client import request
 
 EXIT_OK, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
 BUSY_RETRIES = 5

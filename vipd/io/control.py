@@ -171,21 +171,3 @@ class ControlServer:
 
 def _err(code: str, message: str) -> dict[str, Any]:
     return {"ok": False, "error": {"code": code, "message": message}}
-
-
-def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Blocking client for vipctl and tests."""
-    import socket
-
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
-    reply: dict[str, Any] = json.loads(buf)
-    return reply
