@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from ipaddress import IPv4Address, ip_interface
 from pathlib import Path
 
@@ -264,18 +265,37 @@ RELOAD = CONFIG + """  - name: lan-b
 """
 
 
-def test_defect9_reload_with_a_vmac_vlan_on_a_missing_interface_applies_whole(
-        tmp_path: Path) -> None:
+def add_lan_b(w: World) -> None:
+    """The second VLAN's interface appears (or is there from the start)."""
+    w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
+    w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
+
+
+def write_reload(w: World, cfg_path: Path) -> None:
+    """The new configuration: lan-a's priority changed, lan-b added with a virtual MAC."""
+    cfg_path.write_text(RELOAD.replace("SOCK", w.sock_path).replace(
+        "priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]",
+        "priority: 160, advert_interval: 100ms, vips: [192.0.2.1/24]"))
+
+
+def run_reloadable(tmp_path: Path, body: Callable[[World, Daemon], Awaitable[None]],
+                   w: World, cfg_path: Path) -> None:
+    """run() with a config file to reload and the virtual-MAC adapters faked."""
     from vipd.io.vmac import FakeSysctl
 
+    cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
+    run(tmp_path, body, w, config_path=str(cfg_path), sysctl=FakeSysctl(),
+        open_send_socket=w.open_socket, set_link_up=lambda name, up: None)
+
+
+def test_defect9_reload_with_a_vmac_vlan_on_a_missing_interface_applies_whole(
+        tmp_path: Path) -> None:
     cfg_path = tmp_path / "vipd.yaml"
 
     async def body(w: World, d: Daemon) -> None:
         master(w, d)
         await settle()
-        cfg_path.write_text(RELOAD.replace("SOCK", w.sock_path).replace(
-            "priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]",
-            "priority: 160, advert_interval: 100ms, vips: [192.0.2.1/24]"))
+        write_reload(w, cfg_path)
         result = await d.reload()
         assert result == {"kept": 0, "replaced_or_removed": 1, "started": 2}
         st = {i["vlan"]: i for i in d.status()["instances"]}
@@ -283,23 +303,18 @@ def test_defect9_reload_with_a_vmac_vlan_on_a_missing_interface_applies_whole(
         assert st["lan-b"]["state"] == "FAULT"  # waits for lanB, and says so
         assert not d.status()["healthy"]
         # lanB appears: its macvlan is made and the router joins
-        w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
-        w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
+        add_lan_b(w)
         d._on_link(w.rtnl.links["lanB"])
         await settle(10)
         assert "vmac8.52" in w.rtnl.links
         assert {i["vlan"]: i["state"] for i in d.status()["instances"]}["lan-b"] == "BACKUP"
 
-    w = World(tmp_path)
-    cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
-    run(tmp_path, body, w, config_path=str(cfg_path), sysctl=FakeSysctl(),
-        open_send_socket=w.open_socket, set_link_up=lambda name, up: None)
+    run_reloadable(tmp_path, body, World(tmp_path), cfg_path)
 
 
 def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
         tmp_path: Path) -> None:
     from vipd.config import ConfigError
-    from vipd.io.vmac import FakeSysctl
 
     cfg_path = tmp_path / "vipd.yaml"
 
@@ -313,9 +328,7 @@ def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
             raise OSError(errno.EOPNOTSUPP, "macvlan: Operation not supported")
 
         w.rtnl.create_macvlan = no_macvlan  # type: ignore[method-assign]
-        cfg_path.write_text(RELOAD.replace("SOCK", w.sock_path).replace(
-            "priority: 150, advert_interval: 100ms, vips: [192.0.2.1/24]",
-            "priority: 160, advert_interval: 100ms, vips: [192.0.2.1/24]"))
+        write_reload(w, cfg_path)
         with pytest.raises(ConfigError, match="cannot create macvlan"):
             await d.reload()
         assert next(iter(d.slots.values())) is slot and len(d.slots) == 1
@@ -325,11 +338,8 @@ def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
         assert "lanB" not in d.ifaces
 
     w = World(tmp_path)
-    w.rtnl.links["lanB"] = LinkInfo(8, "lanB", True, "02:00:00:00:00:12")
-    w.rtnl.addrs[8] = [(ip_interface("198.51.100.11/24"), 0)]
-    cfg_path.write_text(CONFIG.replace("SOCK", w.sock_path))
-    run(tmp_path, body, w, config_path=str(cfg_path), sysctl=FakeSysctl(),
-        open_send_socket=w.open_socket, set_link_up=lambda n, u: None)
+    add_lan_b(w)
+    run_reloadable(tmp_path, body, w, cfg_path)
 
 
 # ---------------------------------------------------------------- defect 11: nftables
