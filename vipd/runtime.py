@@ -943,8 +943,9 @@ class Daemon:
         return RouterView(
             slot.vlan.name, slot.vlan.interface, slot.router, slot.static_status["vips"],
             slot.drops,
-            kernel_vips=None if held is None else tuple(str(v) for v in slot.vips
-                                                        if v.ip in held),
+            kernel_vips=None if held is None else tuple(
+                text for v, text in zip(slot.vips, slot.static_status["vips"], strict=True)
+                if v.ip in held),
             vips_settling=slot.addr_task is not None and not slot.addr_task.done(),
             vips_repaired=slot.vips_repaired, static=slot.static_status)
 
