@@ -1,4 +1,5 @@
-"""A simulated LAN segment in virtual time: N virtual routers, adverts through the real codec.
+"""A simulated LAN segment in virtual time: N vipd node cores (vipd.core.node), one router
+each, adverts through the real codec and the daemon's own receive path.
 
 Delivery is instant and in order. Partitions are groups: a packet reaches only the nodes of
 its sender's group. No sleeps, no clocks: `run_until` jumps from deadline to deadline.
@@ -6,13 +7,13 @@ its sender's group. No sleeps, no clocks: `run_until` jumps from deadline to dea
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, ip_interface
 
-from vipd.core.actions import Action, AddVips, Announce, RemoveVips, SendAdvert
-from vipd.core.advert import encode_advert, receiver_view
+from vipd.core.node import AnnounceVips, RouterSpec, Send, SetVips, Slot, Transition
+from vipd.core.node import Node as NodeCore
 from vipd.core.packet import (
     VRRP_GROUP_V4,
     VRRP_GROUP_V6,
@@ -20,7 +21,6 @@ from vipd.core.packet import (
     IPAddress,
     IpMeta,
 )
-from vipd.core.receive import Dropped, Receiver
 from vipd.core.router import RouterConfig, State, VirtualRouter
 
 VIP = IPv4Address("192.0.2.1")
@@ -34,20 +34,39 @@ def make_config(priority: int, *, version: int = 3, interval_cs: int = 100, vrid
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
+LAN = "lan"
+
+
 @dataclass
 class Node:
-    router: VirtualRouter
+    """One vipd on the segment: the daemon's node core (vipd.core.node) with one router."""
+
+    core: NodeCore
     address: IPAddress
     holds_vips: bool = False
     announces: int = 0
     sent: list[bytes] = field(default_factory=list)
-    drops: dict[DropReason, int] = field(default_factory=dict)
     alive: bool = True
-    receiver: Receiver[Node] = field(default_factory=Receiver)
+
+    @property
+    def slot(self) -> Slot:
+        return next(iter(self.core.slots.values()))
+
+    @property
+    def router(self) -> VirtualRouter:
+        return self.slot.router
 
     @property
     def state(self) -> State:
         return self.router.state
+
+    @property
+    def drops(self) -> dict[DropReason, int]:
+        """Every drop reason counted for this node, on its router or its interface."""
+        out = Counter(self.slot.drops)
+        for c in self.core.links[LAN].drops.values():
+            out.update(c)
+        return dict(out)
 
 
 class Segment:
@@ -64,19 +83,36 @@ class Segment:
             addr = IPv4Address(f"192.0.2.{10 + len(self.nodes)}")
         else:
             addr = IPv4Address(address) if ":" not in address else IPv6Address(address)
-        node = Node(VirtualRouter(config, addr), addr)
+        vip = ip_interface(f"{config.addresses[0]}/{24 if config.family == 4 else 64}")
+        core = NodeCore([RouterSpec(LAN, LAN, config, (vip,))], "per-vlan-active")
+        prefix = 24 if addr.version == 4 else 64
+        core.set_addresses(LAN, [(ip_interface(f"{addr}/{prefix}"), 0)])
+        core.set_link(self.now, LAN, True)
+        node = Node(core, addr)
         self.nodes.append(node)
         self.group[id(node)] = 0
         return node
 
     def start(self, node: Node) -> None:
         node.alive = True
-        self._apply(node, node.router.start(self.now))
+        node.core.start(self.now, [node.slot.key])
+        self._apply(node)
         self._drain()
 
     def stop(self, node: Node) -> None:
         """Graceful shutdown (priority 0 when master)."""
-        self._apply(node, node.router.shutdown(self.now))
+        node.core.shutdown(self.now)
+        self._apply(node)
+        self._drain()
+
+    def maintenance(self, node: Node, on: bool) -> None:
+        node.core.set_maintenance(self.now, on)
+        self._apply(node)
+        self._drain()
+
+    def set_link(self, node: Node, up: bool) -> None:
+        node.core.set_link(self.now, LAN, up)
+        self._apply(node)
         self._drain()
 
     def crash(self, node: Node) -> None:
@@ -96,7 +132,7 @@ class Segment:
         return [n for n in self.nodes if n.alive and n.state is State.MASTER]
 
     def next_deadline(self) -> Fraction | None:
-        ts = [t for n in self.nodes if n.alive and (t := n.router.get_timer()) is not None]
+        ts = [t for n in self.nodes if n.alive and (t := n.core.get_timer()) is not None]
         return min(ts) if ts else None
 
     def run_until(self, end: Fraction, check: object = None) -> None:
@@ -106,9 +142,10 @@ class Segment:
                 break
             self.now = t
             for n in self.nodes:
-                timer = n.router.get_timer()
+                timer = n.core.get_timer()
                 if n.alive and timer is not None and timer <= self.now:
-                    self._apply(n, n.router.handle_timer(self.now))
+                    n.core.handle_timer(self.now)
+                    self._apply(n)
             self._drain()
             if callable(check):
                 check(self)
@@ -119,20 +156,19 @@ class Segment:
 
     # ---------------------------------------------------------------- internals
 
-    def _apply(self, node: Node, actions: list[Action]) -> None:
-        cfg = node.router.config
-        for a in actions:
-            if isinstance(a, SendAdvert):
-                raw = encode_advert(cfg, a, node.address)
-                node.sent.append(raw)
-                self._queue.append((node, raw))
-            elif isinstance(a, AddVips):
-                node.holds_vips = True
-            elif isinstance(a, RemoveVips):
-                node.holds_vips = False
-            elif isinstance(a, Announce):
+    def _apply(self, node: Node) -> None:
+        """Carry out the node's actions as a perfect kernel would: VIP changes succeed at
+        once and are reported back, which may queue more actions (handled in this loop)."""
+        for a in node.core.pop_actions():
+            if isinstance(a, Send):
+                node.sent.append(a.payload)
+                self._queue.append((node, a.payload))
+            elif isinstance(a, SetVips):
+                node.holds_vips = a.present
+                node.core.vips_applied(self.now, a.key, a.present, True)
+            elif isinstance(a, AnnounceVips):
                 node.announces += 1
-            else:
+            elif isinstance(a, Transition):
                 self.log.append((self.now, str(node.address), a.old, a.new))
 
     def _drain(self) -> None:
@@ -144,20 +180,9 @@ class Segment:
                 self._deliver(n, sender, raw)
 
     def _deliver(self, node: Node, sender: Node, raw: bytes) -> None:
-        """The daemon's receive path (vipd.core.receive), then the router's."""
+        """Through the daemon's receive path: the node core's `receive`."""
         family = sender.address.version
         meta = IpMeta(family, sender.address, VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6,
                       255)
-        cfg = node.router.config
-        view = receiver_view(cfg)
-        got = node.receiver.check(raw, meta, {node.address},
-                                  lambda vrid: (node, view) if vrid == cfg.vrid else None,
-                                  lambda n: True)
-        if isinstance(got, Dropped):
-            node.drops[got.reason] = node.drops.get(got.reason, 0) + 1
-            return
-        _node, adv, diff = got
-        acts, dropped = node.router.handle_advert(self.now, adv, diff)
-        if dropped is not None:
-            node.drops[dropped] = node.drops.get(dropped, 0) + 1
-        self._apply(node, acts)
+        node.core.receive(LAN, family, [(raw, meta, self.now)])
+        self._apply(node)

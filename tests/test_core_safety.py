@@ -165,13 +165,13 @@ def test_defect8_drained_router_in_a_segment_stays_out() -> None:
     seg.start(a)
     seg.start(b)
     seg.run_for(1)
-    a.router.set_maintenance(seg.now, True)
+    seg.maintenance(a, True)
     seg.run_for(1)
     assert seg.masters() == [b]
     for _ in range(5):
         seg.crash(b)  # nobody left to advertise: a drained router still holds back
-        a.router.set_link(seg.now, False)
-        a.router.set_link(seg.now, True)
+        seg.set_link(a, False)
+        seg.set_link(a, True)
         seg.run_for(2)
         assert seg.masters() == [] and not a.holds_vips
         seg.start(b)

@@ -109,7 +109,7 @@ def test_receive_reads_at_most_one_batch_per_turn(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         sock = w.sockets["lanA", 4]
         sock.inbox = [(advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.0)] * 1000
-        d._on_readable(d.ifaces["lanA"], 4)
+        d.read("lanA", 4)
         assert len(sock.inbox) == 1000 - RECV_BATCH  # the rest waits for the next turn
         inst = d.status()["instances"][0]
         assert inst["adverts_received"] == 1  # newest valid per sender only
@@ -204,14 +204,14 @@ def test_status_storm_builds_one_snapshot_per_window(tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     async def body(w: World, d: Daemon) -> None:
         builds = {"n": 0}
-        real = d.status
+        real = d.commands.status
 
         def counting() -> dict[str, object]:
             builds["n"] += 1
             return real()
 
-        monkeypatch.setattr(d, "status", counting)
-        replies = await asyncio.gather(*(d._handle_request({"command": "status"})
+        monkeypatch.setattr(d.commands, "status", counting)
+        replies = await asyncio.gather(*(d.commands.handle({"command": "status"})
                                          for _ in range(200)))
         assert all(r["ok"] for r in replies) and builds["n"] == 1
 

@@ -72,7 +72,7 @@ class World:
     def deliver(self, d: Daemon, payload: bytes, src: IPv4Address = PEER, ttl: int = 255) -> None:
         sock = self.sockets["lanA", 4]
         sock.inbox.append((payload, IpMeta(4, src, VRRP_GROUP_V4, ttl), 0.0))
-        d._on_readable(d.ifaces["lanA"], 4)
+        d.read("lanA", 4)
 
 
 async def settle(rounds: int = 5) -> None:
@@ -102,12 +102,11 @@ def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]],
 
 
 def fire(w: World, d: Daemon) -> None:
-    """Jump the clock to the router's next deadline and run its timer."""
-    slot = next(iter(d.slots.values()))
-    deadline = slot.router.get_timer()
+    """Jump the clock to the node's next deadline and run its timer."""
+    deadline = d.node.get_timer()
     assert deadline is not None
     w.t = float(deadline) + 1e-6
-    d._on_timer(slot)
+    d.on_timer()
 
 
 def test_startup_backup_then_master_with_vips_advert_and_garp(tmp_path: Path) -> None:
@@ -180,10 +179,10 @@ def test_failed_sends_give_up_mastership(tmp_path: Path) -> None:
 
 def test_link_down_is_fault_and_up_rejoins(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
-        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        w.rtnl.set_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
         await asyncio.sleep(0)
         assert d.status()["instances"][0]["state"] == "FAULT"
-        d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
+        w.rtnl.set_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
         for _ in range(5):
             await asyncio.sleep(0)
         assert d.status()["instances"][0]["state"] == "BACKUP"
@@ -294,21 +293,20 @@ def _master_all(w: World, d: Daemon) -> None:
         deadline = slot.router.get_timer()
         assert deadline is not None
         w.t = max(w.t, float(deadline) + 1e-6)
-    for slot in d.slots.values():
-        d._on_timer(slot)
+    d.on_timer()
 
 
 def test_single_active_group_fault_drains_the_other_vlans(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         _master_all(w, d)
         assert [i["state"] for i in d.status()["instances"]] == ["MASTER", "MASTER"]
-        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        w.rtnl.set_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
         await asyncio.sleep(0)
         st = {i["vlan"]: i for i in d.status()["instances"]}
         assert st["lan-a"]["state"] == "FAULT"
         assert (st["lan-b"]["state"], st["lan-b"]["drains"],
                 st["lan-b"]["priority_zero_sent"]) == ("BACKUP", ["group fault"], 1)
-        d._on_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
+        w.rtnl.set_link(LinkInfo(7, "lanA", True, "02:00:00:00:00:11"))
         for _ in range(5):
             await asyncio.sleep(0)
         st = {i["vlan"]: i for i in d.status()["instances"]}
@@ -321,7 +319,7 @@ def test_single_active_group_fault_drains_the_other_vlans(tmp_path: Path) -> Non
 def test_per_vlan_active_leaves_the_other_vlans_alone(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         _master_all(w, d)
-        d._on_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        w.rtnl.set_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
         await asyncio.sleep(0)
         assert [i["state"] for i in d.status()["instances"]] == ["FAULT", "MASTER"]
 
@@ -334,7 +332,7 @@ def test_timers_run_from_kernel_reception_time(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         sock = w.sockets["lanA", 4]
         sock.inbox.append((advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.004))
-        d._on_readable(d.ifaces["lanA"], 4)
+        d.read("lanA", 4)
         slot = next(iter(d.slots.values()))
         # Master_Down_Interval counted from when the kernel got the advert, 4 ms ago
         assert slot.router.master_down_timer == (Fraction(w.t) - Fraction(0.004)
@@ -368,7 +366,7 @@ def test_interface_missing_at_start_then_appearing(tmp_path: Path) -> None:
         assert (st["state"], st["last_transition"]["cause"]) == ("FAULT", "interface down")
         assert not d.status()["healthy"]
         w.rtnl.links["lanA"] = LinkInfo(7, "lanA", True, "02:00:00:00:00:11")
-        d._on_link(w.rtnl.links["lanA"])
+        w.rtnl.set_link(w.rtnl.links["lanA"])
         for _ in range(5):
             await asyncio.sleep(0)
         st = d.status()["instances"][0]
@@ -384,14 +382,16 @@ def test_failing_vip_installs_give_up_mastership_despite_working_sends(tmp_path:
         fire(w, d)  # master: the advert goes out, the VIP install fails
         for _ in range(3):
             await asyncio.sleep(0)
-        slot = next(iter(d.slots.values()))
         st = d.status()["instances"][0]
         assert st["state"] == "MASTER" and st["io_failures"] == 1
-        for _ in range(2):  # the retries (one interval apart) fail as well
-            fire(w, d)  # an advert in between succeeds and must not reset the count
-            d._retry_install(slot)
+        sent = len(w.sockets["lanA", 4].sent)
+        for _ in range(6):  # the retries (one interval apart) fail as well; the adverts
+            fire(w, d)  # in between succeed and must not reset the count
             for _ in range(3):
                 await asyncio.sleep(0)
+            if d.status()["instances"][0]["state"] != "MASTER":
+                break
+        assert len(w.sockets["lanA", 4].sent) > sent
         st = d.status()["instances"][0]
         assert st["state"] == "FAULT"
         assert st["last_transition"]["cause"] == "3 VIP install failures"

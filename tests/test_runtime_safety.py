@@ -20,7 +20,8 @@ from vipd.io.lock import AlreadyRunning
 from vipd.io.netlink_monitor import LinkEvent, Resync
 from vipd.io.nft import DROP_TABLE, NftAcceptGuard
 from vipd.io.rtnl import LinkInfo
-from vipd.runtime import LINK_MONITOR, Daemon
+from vipd.runtime import Daemon
+from vipd.runtime.links import LINK_MONITOR
 
 VIP = ip_interface("192.0.2.1/24")
 
@@ -82,7 +83,7 @@ def test_defect7_garbage_after_a_valid_advert_does_not_displace_it(tmp_path: Pat
             w.t += 0.05
             sock.inbox.append((good, IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.0))
             sock.inbox += [(bytes(bad), IpMeta(4, PEER, VRRP_GROUP_V4, 255), 0.0)] * 5
-            d._on_readable(d.ifaces["lanA"], 4)
+            d.read("lanA", 4)
             assert slot.router.master_down_timer is not None
             assert slot.router.master_down_timer > w.t, i
         st = d.status()
@@ -304,7 +305,7 @@ def test_defect9_reload_with_a_vmac_vlan_on_a_missing_interface_applies_whole(
         assert not d.status()["healthy"]
         # lanB appears: its macvlan is made and the router joins
         add_lan_b(w)
-        d._on_link(w.rtnl.links["lanB"])
+        w.rtnl.set_link(w.rtnl.links["lanB"])
         await settle(10)
         assert "vmac8.52" in w.rtnl.links
         assert {i["vlan"]: i["state"] for i in d.status()["instances"]}["lan-b"] == "BACKUP"
@@ -335,7 +336,7 @@ def test_defect9_reload_that_fails_half_way_is_refused_and_the_old_config_runs(
         assert slot.router.state.value == "MASTER" and slot.router.get_timer() == timer
         assert slot.router.config.priority == 150 and d.reloads == 0
         assert VIP in [a for a, _ in w.rtnl.addrs[7]] and d.status()["healthy"]
-        assert "lanB" not in d.ifaces
+        assert "lanB" not in d.links.ifaces
 
     w = World(tmp_path)
     add_lan_b(w)
@@ -369,10 +370,10 @@ def test_recreated_interface_releases_its_old_sockets(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         assert w.announcer.open_links == {7}
         for index in (17, 27, 37):  # deleted and created again, with a new index each time
-            d._on_link(LinkInfo(index, "lanA", True, "02:00:00:00:00:11"))
+            w.rtnl.set_link(LinkInfo(index, "lanA", True, "02:00:00:00:00:11"))
             await settle()
         assert w.announcer.open_links == {37}
-        assert set(d.kernel_addrs) == {37}
+        assert set(d.links.kernel_addrs) == {37}
 
     w = World(tmp_path)
     for index in (17, 27, 37):
@@ -425,7 +426,7 @@ def test_a_takeover_due_during_a_deferred_read_hears_the_waiting_advert_first(
     async def body(w: World, d: Daemon) -> None:
         slot = next(iter(d.slots.values()))
         w.deliver(d, advert(200))  # a master is heard
-        iface = d.ifaces["lanA"]
+        iface = d.links.ifaces["lanA"]
         # received (kernel time) 2 ms ago, before the deadline below; not read yet
         w.sockets["lanA", 4].inbox.append((advert(200), IpMeta(4, PEER, VRRP_GROUP_V4, 255),
                                            0.002))
@@ -433,7 +434,7 @@ def test_a_takeover_due_during_a_deferred_read_hears_the_waiting_advert_first(
         deadline = slot.router.master_down_timer
         assert deadline is not None
         w.t = float(deadline) + 1e-6
-        d._on_timer(slot)
+        d.on_timer()
         assert slot.router.state.value == "BACKUP"
         assert slot.router.counters.adverts_received == 2 and not iface.deferred
 

@@ -20,10 +20,12 @@ from vipd.runtime import Daemon
 
 
 def config(sock: str, mode: str, per_vlan: int) -> str:
+    """4 VLANs x per_vlan routers; the very first router has the higher priority, so its
+    Master_Down_Timer runs out first and alone."""
     vlans = []
     for v in range(4):
         insts = ", ".join(
-            f"{{vrid: {i + 1}, priority: 100, advert_interval: 1s, "
+            f"{{vrid: {i + 1}, priority: {200 if v == i == 0 else 100}, advert_interval: 1s, "
             f"vips: [198.51.100.{i % 250 + 1}/24]}}" if v == 0 else
             f"{{vrid: {i + 1}, priority: 100, advert_interval: 1s, "
             f"vips: ['2001:db8:{v}::{i + 1:x}/64']}}" for i in range(per_vlan))
@@ -32,25 +34,37 @@ def config(sock: str, mode: str, per_vlan: int) -> str:
             + "\n".join(vlans))
 
 
+def fake_links() -> FakeRtnl:
+    rtnl = FakeRtnl()
+    for v in range(4):
+        rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
+        rtnl.addrs[10 + v] = [(ip_interface("192.0.2.250/24"), 0),
+                              (ip_interface(f"fe80::{v + 1}/64"), 0)]
+    return rtnl
+
+
+def daemon(tmp: Path, name: str, mode: str, per_vlan: int, rtnl: FakeRtnl,
+           clock: dict[str, float], announcer: FakeAnnouncer | None = None) -> Daemon:
+    sock = str(tmp / f"{name}.sock")
+    return Daemon(loads(config(sock, mode, per_vlan)), rtnl=rtnl,
+                  open_socket=lambda n, i, f: FakeVrrpTransport(n, f),
+                  announcer=announcer or FakeAnnouncer(), accept_guard=FakeAcceptGuard(),
+                  lock=InstanceLock(sock, claim_prefix=f"vipd-test{sock}/"),
+                  clock=lambda: clock["t"])
+
+
 def one_transition_cost(tmp: Path, mode: str, per_vlan: int) -> dict[str, int]:
     """Start a node of 4 x per_vlan routers, then count what ONE router's takeover costs,
     and what one link going down costs on top of it."""
     counts = {"set_drain": 0, "call_at": 0, "handle_timer": 0}
 
     async def main() -> dict[str, int]:
-        rtnl = FakeRtnl()
-        for v in range(4):
-            rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
-            rtnl.addrs[10 + v] = [(ip_interface("192.0.2.250/24"), 0),
-                                  (ip_interface(f"fe80::{v + 1}/64"), 0)]
-        sock = str(tmp / f"{mode}-{per_vlan}.sock")
+        rtnl = fake_links()
         clock = {"t": 1e9}
-        d = Daemon(loads(config(sock, mode, per_vlan)), rtnl=rtnl,
-                   open_socket=lambda n, i, f: FakeVrrpTransport(n, f),
-                   announcer=FakeAnnouncer(), accept_guard=FakeAcceptGuard(),
-                   lock=InstanceLock(sock, claim_prefix=f"vipd-test{sock}/"),
-                   clock=lambda: clock["t"])
+        d = daemon(tmp, f"{mode}-{per_vlan}", mode, per_vlan, rtnl, clock)
         await d.start()
+        for _ in range(5):  # the link monitor starts
+            await asyncio.sleep(0)
         loop = asyncio.get_running_loop()
         real_call_at = loop.call_at
         real_drain = VirtualRouter.set_drain
@@ -72,19 +86,20 @@ def one_transition_cost(tmp: Path, mode: str, per_vlan: int) -> dict[str, int]:
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(VirtualRouter, "set_drain", set_drain)
             mp.setattr(VirtualRouter, "handle_timer", handle_timer)
-            slot = next(iter(d.slots.values()))
-            deadline = slot.router.get_timer()
-            assert deadline is not None
+            slot = d.slots["lan0", 1, 4]
+            deadline = d.node.get_timer()
+            assert deadline is not None and deadline == slot.router.master_down_timer
+            calls = d.node.stats.router_calls
             clock["t"] = float(deadline) + 1e-6
-            d._on_timer(slot)  # BACKUP -> MASTER for one router
+            d.on_timer()  # BACKUP -> MASTER for one router
             assert slot.router.state.value == "MASTER"
-            first = dict(counts)
+            first = dict(counts, router_calls=d.node.stats.router_calls - calls)
             before = counts["set_drain"]
-            d._on_link(LinkInfo(10, "lan0", False, "02:00:00:00:00:11"))  # a VLAN fails
+            rtnl.set_link(LinkInfo(10, "lan0", False, "02:00:00:00:00:11"))  # a VLAN fails
             await asyncio.sleep(0)
             counts["link_down_set_drain"] = counts["set_drain"] - before
             assert {s.router.state.value for s in d.slots.values()
-                    if s.vlan.interface == "lan0"} == {"FAULT"}
+                    if s.spec.interface == "lan0"} == {"FAULT"}
         loop.call_at = real_call_at  # type: ignore[method-assign]
         await d.close()
         return {**first, "link_down_set_drain": counts["link_down_set_drain"]}
@@ -100,6 +115,7 @@ def test_one_transition_costs_the_same_at_8_and_1000_routers(tmp_path: Path,
     one = {k: v for k, v in large.items() if k != "link_down_set_drain"}
     assert one == {k: v for k, v in small.items() if k != "link_down_set_drain"}
     assert one["set_drain"] == 0 and one["handle_timer"] == 1 and one["call_at"] <= 2
+    assert one["router_calls"] == 1
     # a whole VLAN failing: each other router is told at most once (it was once per
     # router per transition on 7ed180e: 250 x 1000 calls)
     if mode == "single-active":
@@ -111,25 +127,15 @@ def test_one_transition_costs_the_same_at_8_and_1000_routers(tmp_path: Path,
 
 def test_a_thousand_takeovers_install_in_one_batch_then_announce(tmp_path: Path) -> None:
     async def main() -> None:
-        rtnl = FakeRtnl()
-        for v in range(4):
-            rtnl.links[f"lan{v}"] = LinkInfo(10 + v, f"lan{v}", True, "02:00:00:00:00:11")
-            rtnl.addrs[10 + v] = [(ip_interface("192.0.2.250/24"), 0),
-                                  (ip_interface(f"fe80::{v + 1}/64"), 0)]
-        sock = str(tmp_path / "b.sock")
+        rtnl = fake_links()
         clock = {"t": 1e9}
         announcer = FakeAnnouncer()
-        d = Daemon(loads(config(sock, "per-vlan-active", 250)), rtnl=rtnl,
-                   open_socket=lambda n, i, f: FakeVrrpTransport(n, f),
-                   announcer=announcer, accept_guard=FakeAcceptGuard(),
-                   lock=InstanceLock(sock, claim_prefix=f"vipd-test{sock}/"),
-                   clock=lambda: clock["t"])
+        d = daemon(tmp_path, "b", "per-vlan-active", 250, rtnl, clock, announcer)
         await d.start()
         for _ in range(5):
             await asyncio.sleep(0)
         clock["t"] = max(float(s.router.get_timer() or 0) for s in d.slots.values()) + 1e-6
-        for slot in d.slots.values():  # every router's Master_Down_Timer, in one turn
-            d._on_timer(slot)
+        d.on_timer()  # every router's Master_Down_Timer, in one turn
         assert announcer.rounds == []  # nothing announced before its VIPs are in
         for _ in range(5):
             await asyncio.sleep(0)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vipd.core.node import RouterSpec
 from vipd.core.packet import ChecksumVariant, IPAddress
 from vipd.core.router import RouterConfig
 from vipd.core.timing import ms_to_s
@@ -165,6 +166,18 @@ def link_local_vips(inst: InstanceConfig) -> tuple[IPInterface, ...]:
             and not any(v.version == 6 and v.ip.is_link_local for v in vips)):
         vips.append(virtual_link_local(inst.vrid))
     return tuple(vips)
+
+
+def router_specs(cfg: Config) -> list[RouterSpec]:
+    """Every virtual router of the configuration, as the node core takes them."""
+    specs = []
+    for vlan in cfg.vlans:
+        for inst in vlan.instances:
+            all_vips = link_local_vips(inst)
+            for rc in router_configs(vlan, inst):
+                vips = tuple(v for v in all_vips if v.version == rc.family)
+                specs.append(RouterSpec(vlan.name, vlan.interface, rc, vips, inst.virtual_mac))
+    return specs
 
 
 # ---------------------------------------------------------------- parsing

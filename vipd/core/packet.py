@@ -128,7 +128,7 @@ class Advert:
     @property
     def first_not_link_local(self) -> bool:
         """RFC 9568 5.2.9 wants the IPv6 link-local address first; some senders omit it."""
-        return self.family == 6 and _first_not_ll(self.addresses)
+        return self.family == 6 and bool(self.addresses) and _not_ll(self.addresses[0])
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,8 +272,10 @@ def _decode(payload: bytes, meta: IpMeta) -> Advert:
 
 
 @functools.lru_cache(maxsize=256)
-def _first_not_ll(addresses: tuple[IPAddress, ...]) -> bool:
-    return not addresses[0].is_link_local  # (a network lookup: slow, so remembered)
+def _not_ll(address: IPAddress) -> bool:
+    # A network lookup: slow, so remembered. Keyed by the one address, not the list:
+    # hashing a list of 255 IPv6 addresses cost more than the lookup it saved.
+    return not address.is_link_local
 
 
 @functools.lru_cache(maxsize=256)

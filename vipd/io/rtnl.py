@@ -19,17 +19,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from vipd.core.packet import IPAddress
+from vipd.core.node import IFA_F_SECONDARY
 from vipd.io.addr_batch import AddrBatcher, Op
-from vipd.io.netlink_monitor import AddrEvent, Event, Resync
+from vipd.io.netlink_monitor import AddrEvent, Event, LinkEvent, Resync
 
 log = logging.getLogger("vipd.rtnl")
 
 IFF_UP = 0x1
 IFF_LOWER_UP = 0x10000
-IFA_F_SECONDARY = 0x01
 IFA_F_NODAD = 0x02
-IFA_F_TENTATIVE = 0x40
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
@@ -163,21 +161,6 @@ class PyrouteRtnl:
         await watch(callback)
 
 
-def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
-                    exclude: set[IPAddress]) -> IPAddress | None:
-    """The address a VRRP speaker sends from: the first primary IPv4 address, or the IPv6
-    link-local (RFC 9568 5.1.2.1), never one of our VIPs."""
-    for iface, flags in addrs:
-        ip = iface.ip
-        if ip.version != family or ip in exclude:
-            continue
-        if family == 4 and not flags & IFA_F_SECONDARY:
-            return ip
-        if family == 6 and ip.is_link_local and not flags & IFA_F_TENTATIVE:
-            return ip
-    return None
-
-
 @dataclass
 class FakeRtnl:
     """Links and addresses in memory, for driver tests."""
@@ -229,6 +212,11 @@ class FakeRtnl:
         self.addrs[index] = [(a, f) for a, f in before if a.ip != addr.ip]
         if len(self.addrs[index]) != len(before):
             self._event(AddrEvent(index, addr, False))
+
+    def set_link(self, info: LinkInfo) -> None:
+        """Change a link (as `ip link set` would), with its event."""
+        self.links[info.name] = info
+        self._event(LinkEvent(info.index, info.name, info.up, info.mac))
 
     def _event(self, ev: Event) -> None:
         if self.callback is not None:

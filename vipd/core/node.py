@@ -1,0 +1,588 @@
+"""The node: every virtual router of one vipd, as one pure core. Events in, one queue of
+actions out, one `get_timer()` (the shape of aioquic's connection).
+
+Events: datagrams per interface and family with their reception time (`receive`), timer
+expiry (`handle_timer`), links and their addresses (`set_link`, `set_addresses`,
+`set_vmac`), I/O outcomes (`vips_applied`, `advert_sent`, `vips_repaired`), control
+commands (`set_maintenance`, `shutdown`) and a new configuration (`plan_reload`,
+`retire`, `adopt`). Actions (`pop_actions`): send these bytes, the kernel should (not) hold a
+router's VIPs, check and repair them, announce them, a transition happened.
+
+What it owns: receive demultiplexing and drop accounting (vipd.core.receive, the same copy
+the simulated segment drives), the mode policy (incremental, vipd.core.policy), the owner
+rules, the reload diff and the order "VIPs installed, then announced". Router outcomes
+that call for more work (a group drain) go on a work list handled in a loop: no recursion.
+
+Timers: routers due at the same instant share one bucket; a router keeps its bucket while
+its deadline only moves later (a backup's Master_Down_Timer, pushed at every advert) and is
+re-filed when the bucket comes due. Work per event is what it touches, never all routers.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+from ipaddress import IPv4Interface, IPv6Interface
+
+from vipd.core.actions import Action as RouterAction
+from vipd.core.actions import AddVips, Announce, RemoveVips, SendAdvert, Transitioned
+from vipd.core.advert import encode_advert, receiver_view
+from vipd.core.batch import newest_per_key
+from vipd.core.packet import AddressDiff, Advert, DropReason, IPAddress, IpMeta, ReceiverView
+from vipd.core.policy import GROUP_FAULT, GroupPolicy
+from vipd.core.receive import Dropped, Receiver
+from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
+
+Key = tuple[str, int, int]  # interface, vrid, family
+IPInterface = IPv4Interface | IPv6Interface
+VIP_INSTALL = "VIP install"
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send this advert for the router (its virtual MAC's socket if it has one)."""
+
+    key: Key
+    payload: bytes
+    src: IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class SetVips:
+    """Desired state: the kernel should (present) or should not hold the router's VIPs.
+    Answer with `vips_applied`."""
+
+    key: Key
+    present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RepairVips:
+    """Read what the kernel holds and put back the router's missing VIPs. Answer with
+    `vips_repaired` (or `vips_applied(..., ok=False)`)."""
+
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class AnnounceVips:
+    """One round of gratuitous ARP / unsolicited NA for the router's VIPs."""
+
+    key: Key
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """A router changed state (for logs, notify hooks, metrics)."""
+
+    key: Key
+    old: str
+    new: str
+    cause: str
+
+
+NodeAction = Send | SetVips | RepairVips | AnnounceVips | Transition
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    """One virtual router as configured: where it runs and what it holds."""
+
+    vlan: str
+    interface: str
+    config: RouterConfig
+    vips: tuple[IPInterface, ...]
+    virtual_mac: bool = False
+
+    @property
+    def key(self) -> Key:
+        return (self.interface, self.config.vrid, self.config.family)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One virtual router in the node: the RFC state machine plus what the node tracks."""
+
+    spec: RouterSpec
+    router: VirtualRouter
+    key: Key
+    view: ReceiverView
+    drops: Counter[DropReason] = field(default_factory=Counter)
+    vmac_ready: bool = False  # its virtual-MAC link exists (only matters with virtual_mac)
+    started: bool = False
+    installing: bool = False  # an install of its VIPs was asked and not yet answered
+    announce_after_install: bool = False
+    retry_at: Fraction | None = None  # a failed install is tried again then
+    vips_repaired: int = 0
+    armed: tuple[Fraction, bool] | None = None  # the timer bucket it is filed in
+
+    @property
+    def owner(self) -> bool:
+        return self.router.config.priority == OWNER_PRIORITY
+
+    @property
+    def vips(self) -> tuple[IPInterface, ...]:
+        return self.spec.vips
+
+
+def make_slot(spec: RouterSpec) -> Slot:
+    return Slot(spec, VirtualRouter(spec.config), spec.key, receiver_view(spec.config))
+
+
+@dataclass(eq=False)
+class Link:
+    """What the node knows of one interface: up or down, and its own addresses."""
+
+    name: str
+    up: bool = False
+    own: frozenset[IPAddress] = frozenset()
+    primary: dict[int, IPAddress | None] = field(default_factory=lambda: {4: None, 6: None})
+    drops: dict[int, Counter[DropReason]] = field(
+        default_factory=lambda: {4: Counter(), 6: Counter()})
+    receivers: dict[int, Receiver[Slot]] = field(
+        default_factory=lambda: {4: Receiver(), 6: Receiver()})
+    slots: dict[Key, Slot] = field(default_factory=dict)
+
+
+@dataclass
+class ReloadPlan:
+    slots: dict[Key, Slot]
+    kept: set[Key]
+    mode: str
+
+    def added(self) -> list[Slot]:
+        return [s for k, s in self.slots.items() if k not in self.kept]
+
+
+@dataclass
+class Stats:
+    """Work counters: unit tests assert on them (work per event, not seconds)."""
+
+    router_calls: int = 0  # calls into a router that may change it
+    timer_buckets: int = 0  # buckets created
+
+
+Packet = tuple[bytes, IpMeta, Fraction]  # payload, IP metadata, reception time
+
+IFA_F_SECONDARY = 0x01  # linux/if_addr.h
+IFA_F_TENTATIVE = 0x40
+
+
+def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
+                    exclude: set[IPAddress]) -> IPAddress | None:
+    """The address a VRRP speaker sends from: the first primary IPv4 address, or the IPv6
+    link-local (RFC 9568 5.1.2.1), never one of our VIPs."""
+    for iface, flags in addrs:
+        ip = iface.ip
+        if ip.version != family or ip in exclude:
+            continue
+        if family == 4 and not flags & IFA_F_SECONDARY:
+            return ip
+        if family == 6 and ip.is_link_local and not flags & IFA_F_TENTATIVE:
+            return ip
+    return None
+
+
+class Node:
+    def __init__(self, specs: Iterable[RouterSpec], mode: str) -> None:
+        self.mode = mode
+        self.slots: dict[Key, Slot] = {}
+        self.links: dict[str, Link] = {}
+        self.policy = GroupPolicy(mode)
+        self.stopping = False
+        self.stats = Stats()
+        self._actions: deque[NodeAction] = deque()
+        self._buckets: dict[tuple[Fraction, bool], dict[int, Slot]] = {}
+        self._heap: list[tuple[Fraction, bool]] = []
+        self._by_vip: dict[IPAddress, Slot] = {}
+        self._install(make_slot(s) for s in specs)
+
+    # ------------------------------------------------------------ queries
+
+    def pop_actions(self) -> Iterator[NodeAction]:
+        """What to do, in order. Events fed while iterating add to the same queue."""
+        q = self._actions
+        while q:
+            yield q.popleft()
+
+    def next_timer(self) -> tuple[Fraction, bool] | None:
+        """The next deadline, and whether it is a takeover (see `timer_is_takeover`)."""
+        return self._head()
+
+    def get_timer(self) -> Fraction | None:
+        """The next deadline of any router (or retry), or None."""
+        head = self._head()
+        return head[0] if head else None
+
+    def timer_is_takeover(self) -> bool:
+        """The next deadline is some router's Master_Down_Timer: the driver wakes for it
+        precisely, and reads pending adverts first."""
+        head = self._head()
+        return bool(head and head[1])
+
+    @property
+    def holding_vips(self) -> bool:
+        """A released master still holds its VIPs for a successor (do not exit yet)."""
+        return any(s.router.holding_vips for s in self._all_slots())
+
+    def slot_of_vip(self, ip: IPAddress) -> Slot | None:
+        """The (non-owner) router a VIP belongs to."""
+        return self._by_vip.get(ip)
+
+    def denied_vips(self) -> set[IPAddress]:
+        """RFC 9568 Accept_Mode False: the VIPs a non-owner master must not accept traffic
+        for (desired state of the nftables guard)."""
+        return {v.ip for s in self.slots.values()
+                if not s.router.config.accept_mode and not s.owner for v in s.vips}
+
+    def interfaces(self) -> list[str]:
+        return list(self.links)
+
+    # ------------------------------------------------------------ links
+
+    def set_addresses(self, ifname: str, addrs: list[tuple[IPInterface, int]]) -> None:
+        """The interface's addresses with their IFA_F_* flags, as the kernel holds them.
+        Our own VIPs are not our own addresses, and never an advert's source."""
+        link = self.links.get(ifname)
+        if link is None:
+            return
+        vips = {v.ip for s in link.slots.values() if not s.owner for v in s.vips}
+        link.own = frozenset(a.ip for a, _ in addrs if a.ip not in vips)
+        for fam in (4, 6):
+            link.primary[fam] = primary_address(addrs, fam, vips)
+        for slot in link.slots.values():
+            slot.router.primary_address = link.primary[slot.router.config.family]
+
+    def set_link(self, now: Fraction, ifname: str, up: bool) -> None:
+        """Carrier or admin state of an interface changed (or was first learned)."""
+        link = self.links.get(ifname)
+        if link is None:
+            return
+        link.up = up
+        for slot in link.slots.values():
+            self._follow_link(now, slot)
+
+    def set_vmac(self, now: Fraction, key: Key, ready: bool) -> None:
+        """A router's virtual-MAC link was made (or vanished with its parent)."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            slot.vmac_ready = ready
+            self._follow_link(now, slot)
+
+    def _usable(self, slot: Slot) -> bool:
+        link = self.links[slot.spec.interface]
+        return link.up and (not slot.spec.virtual_mac or slot.vmac_ready)
+
+    def _follow_link(self, now: Fraction, slot: Slot) -> None:
+        if not slot.started:
+            return
+        usable = self._usable(slot)
+        if slot.router.link_up != usable:
+            self._run(now, slot, slot.router.set_link(now, usable))
+
+    # ------------------------------------------------------------ routers
+
+    def start(self, now: Fraction, keys: Iterable[Key] | None = None,
+              cause: str = "startup") -> None:
+        for key in (self.slots if keys is None else keys):
+            slot = self.slots[key]
+            slot.started = True
+            if not self._usable(slot):
+                slot.router.link_up = False
+            self._run(now, slot, slot.router.start(now, cause))
+
+    def receive(self, ifname: str, family: int, packets: Iterable[Packet]) -> None:
+        """Datagrams read from one interface's socket for one family, oldest first, each
+        dated by its reception. Validate all, keep each sender's newest, then deliver
+        (vipd.core.batch explains why in that order)."""
+        link = self.links.get(ifname)
+        if link is None:
+            return
+        slots = self.slots
+
+        def lookup(vrid: int) -> tuple[Slot, ReceiverView] | None:
+            s = slots.get((ifname, vrid, family))
+            return (s, s.view) if s is not None else None
+
+        def current(s: Slot) -> bool:
+            return slots.get(s.key) is s
+
+        check = link.receivers[family].check
+        valid: list[tuple[Slot, Advert, AddressDiff | None, Fraction]] = []
+        for payload, meta, at in packets:
+            got = check(payload, meta, link.own, lookup, current)
+            if isinstance(got, Dropped):
+                target = got.target
+                (target.drops if target is not None else link.drops[family])[got.reason] += 1
+                continue
+            valid.append((got[0], got[1], got[2], at))
+        kept, superseded = newest_per_key(valid, key=lambda v: (v[0].key, v[1].src))
+        if superseded:
+            link.drops[family][DropReason.SUPERSEDED] += superseded
+        for slot, adv, diff, at in kept:
+            self.stats.router_calls += 1
+            acts, dropped = slot.router.handle_advert(at, adv, diff)
+            if dropped is not None:
+                slot.drops[dropped] += 1
+            self._run(at, slot, acts)
+
+    def handle_timer(self, now: Fraction) -> None:
+        """Run every router whose deadline is at or before `now`."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            when = heapq.heappop(heap)
+            for slot in self._buckets.pop(when, {}).values():
+                slot.armed = None
+                self._fire(now, slot)
+
+    def _fire(self, now: Fraction, slot: Slot) -> None:
+        if self.slots.get(slot.key) is not slot and not slot.router.holding_vips:
+            return  # replaced by a reload and done
+        if slot.retry_at is not None and now >= slot.retry_at:
+            slot.retry_at = None
+            if slot.router.state is State.MASTER and not slot.installing:
+                self._ask_install(slot)
+        deadline = slot.router.get_timer()
+        if deadline is None or deadline > now:
+            self._schedule(slot)  # woken for a deadline that has since moved later
+            return
+        self.stats.router_calls += 1
+        self._run(now, slot, slot.router.handle_timer(now))
+
+    # ------------------------------------------------------------ I/O outcomes
+
+    def advert_sent(self, now: Fraction, key: Key, ok: bool) -> None:
+        """Report a send when it failed, or when `io_pending(key)` says a success counts."""
+        slot = self.slots.get(key)
+        if slot is not None:
+            self._run(now, slot, slot.router.report_io(now, ok, "send"))
+
+    def io_pending(self, key: Key) -> bool:
+        slot = self.slots.get(key)
+        return slot is not None and slot.router.io_failures_pending
+
+    def vips_applied(self, now: Fraction, key: Key, present: bool, ok: bool,
+                     slot: Slot | None = None) -> None:
+        """The outcome of a SetVips (or of a RepairVips that failed). `slot` names a router
+        a reload replaced, whose removal was still under way."""
+        slot = slot or self.slots.get(key)
+        if slot is None:
+            return
+        if not present:
+            return  # a failed removal is logged by the executor; nothing to decide here
+        slot.installing = False
+        if not ok:
+            slot.announce_after_install = False
+            self._run(now, slot, slot.router.report_io(now, False, VIP_INSTALL))
+            if slot.router.state is State.MASTER:  # try again, one interval later
+                slot.retry_at = now + slot.router.advertisement_interval
+                self._schedule(slot)
+            return
+        if slot.router.io_failures_pending:
+            slot.router.report_io(now, True, VIP_INSTALL)
+        if slot.announce_after_install:  # the order: VIPs installed, then announced
+            slot.announce_after_install = False
+            if slot.router.state is State.MASTER:
+                self._actions.append(AnnounceVips(key))
+
+    def vip_missing(self, key: Key) -> None:
+        """One of the router's VIPs left the kernel (someone removed it)."""
+        slot = self.slots.get(key)
+        if slot is not None and not self.stopping and slot.router.state is State.MASTER:
+            self._actions.append(RepairVips(key))
+
+    def vips_repaired(self, key: Key, count: int) -> None:
+        slot = self.slots.get(key)
+        if slot is None or count == 0:
+            return
+        slot.vips_repaired += count
+        if slot.router.state is State.MASTER:
+            self._actions.append(AnnounceVips(key))
+
+    def resynced(self) -> None:
+        """The view of the kernel was rebuilt: every master checks its VIPs."""
+        for slot in self.slots.values():
+            if slot.router.state is State.MASTER:
+                self._actions.append(RepairVips(slot.key))
+
+    # ------------------------------------------------------------ commands
+
+    def set_maintenance(self, now: Fraction, on: bool) -> None:
+        for slot in self.slots.values():
+            self._run(now, slot, slot.router.set_maintenance(now, on))
+
+    def shutdown(self, now: Fraction) -> None:
+        """Release mastership everywhere (priority 0); VIPs are held for a successor until
+        each router's release time (`holding_vips`)."""
+        self.stopping = True
+        for slot in self.slots.values():
+            self._run(now, slot, slot.router.shutdown(now))
+
+    def plan_reload(self, specs: Iterable[RouterSpec], mode: str) -> ReloadPlan:
+        """The reload diff: routers whose configuration did not change keep their state and
+        timers; the others are replaced. Touches nothing."""
+        new = {s.key: make_slot(s) for s in specs}
+        kept = {k for k, old in self.slots.items()
+                if (n := new.get(k)) is not None and n.spec == old.spec}
+        return ReloadPlan(new, kept, mode)
+
+    def retire(self, now: Fraction, plan: ReloadPlan) -> list[Slot]:
+        """First half of a reload: shut down the routers the plan does not keep and release
+        their VIPs now (the replacement starts afresh). Returns them; carry out their
+        actions before `adopt`."""
+        replaced: list[Slot] = []
+        for key, old in self.slots.items():
+            if key in plan.kept:
+                continue
+            replaced.append(old)
+            self._run(now, old, old.router.shutdown(now, "reload"))
+            self._run(now, old, old.router.release_now())
+        return replaced
+
+    def adopt(self, now: Fraction, plan: ReloadPlan) -> None:
+        """Second half: the new set of routers is the node's. Added ones (`plan.added()`)
+        are started with `start` once their links are ready."""
+        for key in plan.kept:
+            plan.slots[key] = self.slots[key]
+        was_active = self.policy.active
+        self.mode = plan.mode
+        old_links, self.slots, self.links = self.links, {}, {}
+        self._install(plan.slots.values(), old_links)
+        self.policy = GroupPolicy(self.mode, (k for k, s in self.slots.items()
+                                              if s.router.state is State.FAULT))
+        if self.policy.active != was_active:
+            self._drain_group(now, self.policy.active)
+
+    # ------------------------------------------------------------ internals
+
+    def _install(self, slots: Iterable[Slot], old_links: dict[str, Link] | None = None) -> None:
+        for slot in slots:
+            self.slots[slot.key] = slot
+            name = slot.spec.interface
+            link = self.links.get(name)
+            if link is None:
+                link = self.links[name] = (old_links or {}).get(name) or Link(name)
+                link.slots = {}
+            link.slots[slot.key] = slot
+            slot.router.primary_address = link.primary[slot.router.config.family]
+        self._by_vip = {v.ip: s for s in self.slots.values() if not s.owner for v in s.vips}
+
+    def _all_slots(self) -> Iterator[Slot]:
+        yield from self.slots.values()
+        for bucket in self._buckets.values():  # replaced routers still releasing
+            for s in bucket.values():
+                if self.slots.get(s.key) is not s:
+                    yield s
+
+    def _run(self, now: Fraction, slot: Slot, acts: list[RouterAction]) -> None:
+        """Turn one router's actions into node actions; policy follow-ups go on a work
+        list handled here, in a loop."""
+        work: deque[tuple[Slot, list[RouterAction]]] = deque([(slot, acts)])
+        while work:
+            s, a = work.popleft()
+            self._translate(now, s, a, work)
+
+    def _translate(self, now: Fraction, slot: Slot, acts: list[RouterAction],
+                   work: deque[tuple[Slot, list[RouterAction]]]) -> None:
+        out = self._actions
+        key = slot.key
+        group_before = self.policy.active
+        transitioned = False
+        current = self.slots.get(key) is slot
+        for act in acts:
+            if isinstance(act, SendAdvert):
+                src = self.links[slot.spec.interface].primary.get(slot.router.config.family) \
+                    if slot.spec.interface in self.links else None
+                if src is None:  # no address to send from: an I/O failure like any other
+                    work.append((slot, slot.router.report_io(now, False, "send")))
+                    continue
+                out.append(Send(key, encode_advert(slot.router.config, act, src), src))
+            elif isinstance(act, AddVips):
+                self._ask_install(slot)
+            elif isinstance(act, RemoveVips):
+                if not slot.owner:  # never remove the owner's real address
+                    slot.installing = False
+                    slot.announce_after_install = False
+                    out.append(SetVips(key, False))
+            elif isinstance(act, Announce):
+                if slot.installing:  # announced once the VIPs are in the kernel
+                    slot.announce_after_install = True
+                else:
+                    out.append(AnnounceVips(key))
+            elif isinstance(act, Transitioned):
+                transitioned = True
+                if current:
+                    self.policy.note(key, act.old, act.new)
+                out.append(Transition(key, act.old, act.new, act.cause))
+        self._schedule(slot)
+        if not transitioned or not current or self.stopping:
+            return
+        if self.policy.active != group_before:
+            self._drain_group(now, self.policy.active, work)
+        elif slot.router.state is not State.FAULT and \
+                (GROUP_FAULT in slot.router.drains) != self.policy.active:
+            self.stats.router_calls += 1
+            work.append((slot, slot.router.set_drain(now, GROUP_FAULT, self.policy.active)))
+
+    def _ask_install(self, slot: Slot) -> None:
+        slot.installing = True
+        self._actions.append(SetVips(slot.key, True))
+
+    def _drain_group(self, now: Fraction, on: bool,
+                     work: deque[tuple[Slot, list[RouterAction]]] | None = None) -> None:
+        """The group fault started or ended (vipd.core.policy): tell every router, once."""
+        for s in list(self.slots.values()):
+            if s.router.state is not State.FAULT:
+                self.stats.router_calls += 1
+                acts = s.router.set_drain(now, GROUP_FAULT, on)
+                if work is None:
+                    self._run(now, s, acts)
+                else:
+                    work.append((s, acts))
+
+    def _deadline(self, slot: Slot) -> tuple[Fraction, bool] | None:
+        t = slot.router.get_timer()
+        r = slot.retry_at
+        if r is not None and (t is None or r < t):
+            return (r, False)
+        if t is None:
+            return None
+        return (t, t == slot.router.master_down_timer)
+
+    def _schedule(self, slot: Slot) -> None:
+        """File the router in the bucket of its next deadline; keep its bucket while the
+        deadline only moves later (it is re-filed when the bucket comes due)."""
+        due = self._deadline(slot)
+        armed = slot.armed
+        if armed is not None:
+            if due is not None and armed[0] <= due[0]:
+                return
+            bucket = self._buckets.get(armed)
+            if bucket is not None:
+                bucket.pop(id(slot), None)
+                if not bucket:
+                    del self._buckets[armed]  # its heap entry is skipped when reached
+        slot.armed = due
+        if due is None:
+            return
+        bucket = self._buckets.get(due)
+        if bucket is None:
+            bucket = self._buckets[due] = {}
+            heapq.heappush(self._heap, due)
+            self.stats.timer_buckets += 1
+        bucket[id(slot)] = slot
+
+    def _head(self) -> tuple[Fraction, bool] | None:
+        heap = self._heap
+        while heap and heap[0] not in self._buckets:
+            heapq.heappop(heap)  # an emptied bucket
+        return heap[0] if heap else None

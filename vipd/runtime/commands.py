@@ -1,0 +1,100 @@
+"""The control commands (status, maintenance, reload, ping) and the status snapshot: the
+node core's routers, the kernel's view of their VIPs (vipd.runtime.links) and whether a
+change is under way (vipd.runtime.executor), built into the one status model
+(vipd.status)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vipd.config import ConfigError
+from vipd.core.node import Key, Slot
+from vipd.status import RouterView, snapshot, static_status
+
+if TYPE_CHECKING:
+    from vipd.runtime.daemon import Daemon
+
+STATUS_REUSE_S = 0.02
+
+
+def error(code: str, message: str) -> dict[str, Any]:
+    return {"ok": False, "error": {"code": code, "message": message}}
+
+
+class Commands:
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+        self._cache: tuple[float, dict[str, Any]] | None = None
+        self._static: dict[Key, tuple[Slot, dict[str, Any]]] = {}
+
+    async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("command")
+        if cmd == "status":
+            return self.shared_status()
+        if cmd == "maintenance":
+            on = req.get("on")
+            if not isinstance(on, bool):
+                return error("bad_request", "maintenance needs \"on\": true or false")
+            self.d.set_maintenance(on)
+            return {"ok": True, "maintenance": on}
+        if cmd == "reload":
+            try:
+                return {"ok": True, "reload": await self.d.reload()}
+            except ConfigError as exc:
+                return error("bad_config", "; ".join(exc.errors))
+        if cmd == "ping":
+            return {"ok": True, "node": self.d.cfg.node.name}
+        return error("unknown_command", f"unknown command {cmd!r}")
+
+    def shared_status(self) -> dict[str, Any]:
+        """One snapshot serves every status request of a short window: a storm of clients
+        costs one build per window, not one per client (the adverts keep their time)."""
+        now = self.d._loop.time()
+        if self._cache is None or now - self._cache[0] > STATUS_REUSE_S:
+            self._cache = (now, {"ok": True, "status": self.status()})
+        return self._cache[1]
+
+    def status(self) -> dict[str, Any]:
+        d = self.d
+        now = d.now()
+        views = [self._router_view(s) for s in d.node.slots.values()]
+        ifaces = []
+        for i in d.links.ifaces.values():
+            link = d.node.links.get(i.name)
+            ifaces.append({
+                "name": i.name, "index": i.index, "up": i.up, "mac": i.mac,
+                "primary": {f"IPv{f}": str(a) if a else None
+                            for f, a in (link.primary.items() if link else ())},
+                "drops": {f"IPv{f}": {k.value: n for k, n in c.items() if n}
+                          for f, c in (link.drops.items() if link else ())}})
+        node_problems = [f"{name} is down ({why}); restarting"
+                         for name, why in sorted(d.tasks_down.items())]
+        snap = snapshot(d.cfg.node.name, d.cfg.mode.value, views, ifaces, now,
+                        float(now - d._started), d.reloads, node_problems, d.stopping)
+        snap["accept_mode_enforced"] = d.accept_mode_enforced
+        snap["task_restarts"] = dict(d.task_restarts)
+        if d._control is not None:
+            snap["control"] = dict(d._control.stats)
+        return snap
+
+    def _static_of(self, slot: Slot) -> dict[str, Any]:
+        """The configuration's part of a router's status, built once per router."""
+        got = self._static.get(slot.key)
+        if got is None or got[0] is not slot:
+            spec = slot.spec
+            got = self._static[slot.key] = (slot, static_status(RouterView(
+                spec.vlan, spec.interface, slot.router, tuple(str(v) for v in spec.vips),
+                slot.drops)))
+        return got[1]
+
+    def _router_view(self, slot: Slot) -> RouterView:
+        static = self._static_of(slot)
+        index = self.d.links.vip_index(slot.key)
+        held = self.d.links.kernel_addrs.get(index) if index is not None else None
+        return RouterView(
+            slot.spec.vlan, slot.spec.interface, slot.router, static["vips"], slot.drops,
+            kernel_vips=None if held is None else tuple(
+                text for v, text in zip(slot.vips, static["vips"], strict=True)
+                if v.ip in held),
+            vips_settling=self.d.executor.settling(slot.key) or slot.installing,
+            vips_repaired=slot.vips_repaired, static=static)

@@ -1,0 +1,219 @@
+"""The executor: carries out the node core's actions and makes the kernel match its desired
+state, then reports the outcomes back to the core as events.
+
+Adverts go out at once. VIP changes (SetVips) of every router asked in one turn of the loop
+reach the kernel as one netlink batch (vipd.io.addr_batch), in order: 1000 routers taking
+over cost one round trip. A router with a virtual MAC has its macvlan brought up before
+its VIPs go in, and down once they are out (a backup never sends from the virtual MAC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from fractions import Fraction
+
+from vipd.core.node import (
+    AnnounceVips,
+    Key,
+    Node,
+    NodeAction,
+    RepairVips,
+    Send,
+    SetVips,
+    Slot,
+    Transition,
+)
+from vipd.runtime.links import Links
+
+log = logging.getLogger("vipd")
+
+Op = tuple[Slot, str]  # "add", "remove" or "repair"
+
+
+class Executor:
+    def __init__(self, node: Node, links: Links, *, set_link_up: Callable[[str, bool], None],
+                 now: Callable[[], Fraction], pump: Callable[[], None]) -> None:
+        self.node = node
+        self.links = links
+        self.set_link_up = set_link_up
+        self.now = now
+        self.pump = pump
+        self._queue: list[Op] = []
+        self._flush: asyncio.Future[None] | None = None
+        self._lock = asyncio.Lock()
+        self._pending: dict[Key, asyncio.Future[None]] = {}  # the flush carrying a change
+        self._loop = asyncio.get_running_loop()
+
+    def settling(self, key: Key) -> bool:
+        """A VIP change of this router is queued or under way."""
+        fut = self._pending.get(key)
+        return fut is not None and not fut.done()
+
+    async def drain(self) -> None:
+        """Wait until every queued VIP change has reached the kernel."""
+        while self._flush is not None or self._lock.locked():
+            fut = self._flush
+            if fut is not None:
+                with contextlib.suppress(Exception):
+                    await fut
+            else:
+                async with self._lock:
+                    pass
+
+    def execute(self, act: NodeAction) -> None:
+        if isinstance(act, Send):
+            self._send(act)
+        elif isinstance(act, SetVips):
+            slot = self.node.slots.get(act.key)
+            if slot is not None:
+                self._queue_op(slot, "add" if act.present else "remove")
+        elif isinstance(act, AnnounceVips):
+            self._announce(act.key)
+        elif isinstance(act, RepairVips):
+            slot = self.node.slots.get(act.key)
+            if slot is not None:
+                self._queue_op(slot, "repair")
+        elif isinstance(act, Transition):
+            pass  # logged by the router; notify hooks: TODO(#12)
+
+    # ------------------------------------------------------------ adverts
+
+    def _send(self, act: Send) -> None:
+        key = act.key
+        iface = self.links.ifaces.get(key[0])
+        sock = iface.sockets.get(key[2]) if iface else None
+        vm = self.links.vmacs.get(key)
+        if vm is not None and vm.sock is not None:
+            sock = vm.sock
+        ok = True
+        if sock is None:
+            ok = False
+            log.warning("%s/vrid %d/IPv%d: cannot send: no socket", *key)
+        else:
+            try:
+                sock.send(act.payload, act.src)
+            except OSError as exc:
+                ok = False
+                log.warning("%s/vrid %d/IPv%d: advert send failed: %s", *key, exc)
+        if ok and not self.node.io_pending(key):
+            return  # the common case, without a clock read
+        self.node.advert_sent(self.now(), key, ok)
+
+    def _announce(self, key: Key) -> None:
+        iface = self.links.ifaces.get(key[0])
+        slot = self.node.slots.get(key)
+        if iface is None or iface.index is None or slot is None:
+            return
+        name, index, mac = iface.name, iface.index, iface.mac
+        vm = self.links.vmacs.get(key)
+        if vm is not None:
+            name, index, mac = vm.name, vm.index, vm.mac
+        try:
+            self.links.announcer.announce(name, index, mac, slot.router.config.addresses)
+        except OSError as exc:
+            log.warning("%s: announce failed: %s", slot.router.config.name, exc)
+
+    # ------------------------------------------------------------ VIPs
+
+    def _queue_op(self, slot: Slot, op: str) -> None:
+        self._queue.append((slot, op))
+        if self._flush is None:
+            self._flush = asyncio.ensure_future(self._run_queue())
+        self._pending[slot.key] = self._flush
+
+    async def _run_queue(self) -> None:
+        async with self._lock:  # the previous flush finishes first: order is kept
+            self._flush = None
+            queue, self._queue = self._queue, []
+            batch: list[tuple[Slot, str, int | None]] = []
+            for slot, op in queue:
+                if op == "repair":
+                    await self._run_batch(batch)
+                    batch = []
+                    await self._repair(slot)
+                else:
+                    batch.append((slot, op, self.links.vip_index(slot.key)))
+            await self._run_batch(batch)
+            self.pump()
+
+    async def _run_batch(self, batch: list[tuple[Slot, str, int | None]]) -> None:
+        if not batch:
+            return
+        ready: list[tuple[Slot, str, int | None]] = []
+        for slot, op, index in batch:
+            if op == "add" and not self._vmac_up(slot, True):
+                self._outcome(slot, True, index, [OSError("virtual MAC link down")])
+            else:
+                ready.append((slot, op, index))
+        ops = [(op == "add", index, vip) for slot, op, index in ready if index is not None
+               for vip in slot.vips]
+        t0 = self._loop.time()
+        try:
+            results = iter(await self.links.rtnl.apply_addresses(ops)) if ops else iter(())
+        except Exception as exc:  # the whole batch failed: every op of it failed
+            failed: list[OSError | None] = [OSError(str(exc))] * len(ops)
+            results = iter(failed)
+        done = 0
+        for slot, op, index in ready:
+            errors = [e for e in (next(results) for _ in slot.vips) if e] \
+                if index is not None else [OSError("interface missing")]
+            self._outcome(slot, op == "add", index, errors)
+            done += not errors
+        if len(ready) > 8:
+            log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", done, len(ops),
+                     (self._loop.time() - t0) * 1000)
+
+    def _vmac_up(self, slot: Slot, up: bool) -> bool:
+        vm = self.links.vmacs.get(slot.key)
+        if vm is None:
+            return True
+        try:
+            self.set_link_up(vm.name, up)
+            return True
+        except OSError as exc:
+            log.warning("%s: cannot set %s %s: %s", slot.router.config.name, vm.name,
+                        "up" if up else "down", exc)
+            return False
+
+    def _outcome(self, slot: Slot, add: bool, index: int | None,
+                 errors: list[OSError]) -> None:
+        name = slot.router.config.name
+        if errors:
+            log.warning("%s: VIP %s failed: %s", name, "install" if add else "removal",
+                        errors[0])
+        elif index is not None:
+            held = self.links.kernel_addrs.setdefault(index, set())
+            if add:
+                held.update(v.ip for v in slot.vips)
+            else:
+                held.difference_update(v.ip for v in slot.vips)
+                self._vmac_up(slot, False)  # a backup never sends from the virtual MAC
+            log.debug("%s: VIPs %s", name, "added" if add else "removed")
+        self.node.vips_applied(self.now(), slot.key, add, not errors, slot)
+
+    async def _repair(self, slot: Slot) -> None:
+        """Put back VIPs that someone removed while we are master (the kernel is the
+        truth: dump the link, add what is missing)."""
+        index = self.links.vip_index(slot.key)
+        if index is None or self.node.slots.get(slot.key) is not slot:
+            return
+        try:
+            held = {a.ip for a, _ in await self.links.rtnl.addresses(index)}
+            self.links.kernel_addrs[index] = held
+            missing = tuple(v for v in slot.vips if v.ip not in held)
+            if not missing or slot.router.state.value != "MASTER":
+                return
+            errors = [e for e in await self.links.rtnl.apply_addresses(
+                [(True, index, v) for v in missing]) if e]
+        except Exception as exc:
+            errors = [OSError(str(exc))]
+        if errors:
+            self._outcome(slot, True, index, errors)
+            return
+        held.update(v.ip for v in missing)
+        log.warning("%s: VIP %s removed from outside while MASTER: restored",
+                    slot.router.config.name, ", ".join(str(v) for v in missing))
+        self.node.vips_repaired(slot.key, len(missing))

@@ -1,0 +1,59 @@
+"""The daemon's entry point: load the configuration, build the real adapters, run the loop
+until SIGTERM/SIGINT; SIGHUP reloads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+from vipd.config import Config, ConfigError, load
+from vipd.runtime.daemon import Daemon
+
+log = logging.getLogger("vipd")
+
+
+def run(config_path: str, *, control_socket: str | None = None, verbose: bool = False) -> int:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        cfg = load(config_path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            log.error("%s: %s", config_path, line)
+        return 1
+    return asyncio.run(_main(cfg, config_path, control_socket))
+
+
+async def _main(cfg: Config, config_path: str, control_socket: str | None) -> int:
+    from vipd.io.announce import LinuxAnnouncer
+    from vipd.io.rtnl import PyrouteRtnl
+    from vipd.io.vrrp_socket import VrrpSocket
+
+    daemon = Daemon(cfg, rtnl=PyrouteRtnl(), open_socket=VrrpSocket,
+                    announcer=LinuxAnnouncer(), control_socket=control_socket,
+                    config_path=config_path)
+    try:
+        await daemon.start()
+    except (ConfigError, OSError) as exc:
+        log.error("cannot start: %s", exc)
+        await daemon.close()
+        return 1
+    loop = asyncio.get_running_loop()
+    slow_ms = os.environ.get("VIPD_SLOW_CALLBACK_MS")
+    if slow_ms:  # diagnostics: asyncio logs every callback that blocks the loop longer
+        loop.set_debug(True)
+        loop.slow_callback_duration = float(slow_ms) / 1000
+    loop.add_signal_handler(signal.SIGTERM, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGINT, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_reload(daemon)))
+    await daemon.run_until_stopped()
+    log.info("stopped")
+    return 0
+
+
+async def _reload(daemon: Daemon) -> None:
+    with contextlib.suppress(ConfigError):
+        await daemon.reload()
