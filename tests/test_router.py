@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction as F
 from ipaddress import IPv4Address
 
@@ -261,3 +262,48 @@ def test_takeover_records_how_long_the_master_was_silent() -> None:
     r.handle_timer(t)
     assert r.last_transition is not None and r.last_transition.master_silent == \
         r.master_down_interval
+
+
+def _observable(r: VirtualRouter) -> tuple[object, ...]:
+    peers = tuple((a, p.priority, p.last_heard, p.adverts, p.address_diff)
+                  for a, p in r.peers.items())
+    return (r.state, r.master_address, r.master_priority, r.master_heard_at,
+            r.master_adver_interval_cs, r.get_timer(), r.master_down_timer,
+            dataclasses.astuple(r.counters), peers, r.last_conflict_at, r.drains)
+
+
+@pytest.mark.parametrize(("script", "fast_expected"), [
+    # (time in cs, sender, priority): the same advert object repeats; things change between
+    ([(10, 0, 200), (110, 0, 200), (210, 0, 200), (310, 0, 200)], 3),
+    ([(10, 0, 200), (110, 0, 200), (150, 1, 200), (210, 0, 200), (260, 1, 200)], 1),
+    ([(10, 0, 200), (110, 2, 200), (210, 0, 200), (250, 0, 0), (260, 0, 200)], 0),
+    ([(10, 0, 50), (110, 0, 50), (210, 0, 50)], 0),  # lower priority master: preempted
+    ([(10, 0, 200), (110, 0, 200), ("maint", 1, 0), (210, 0, 200), ("maint", 0, 0),
+      (310, 0, 200), (410, 0, 200)], 2),
+])
+def test_heard_again_does_exactly_what_receive_does(script: list[tuple[object, int, int]],
+                                                    fast_expected: int) -> None:
+    """The backup fast path against the full path, on the same script: equal state after
+    every step. Identical adverts are the same object, as the receive memo hands them."""
+    srcs = [PEER, IPv4Address("192.0.2.21"), IPv4Address("192.0.2.22")]
+    made: dict[tuple[int, int], Advert] = {}
+    fast = VirtualRouter(make_config(100), ME)
+    full = VirtualRouter(make_config(100), ME)
+    fast.start(F(0))
+    full.start(F(0))
+    took_fast_path = 0
+    for when, who, prio in script:
+        if when == "maint":
+            for r in (fast, full):
+                r.set_maintenance(F(0), bool(who))
+            continue
+        assert isinstance(when, int)
+        now = F(when, 100)
+        adv = made.setdefault((who, prio), advert(prio, src=srcs[who]))
+        if fast.heard_again(now, adv):
+            took_fast_path += 1
+        else:
+            fast.receive(now, adv)
+        full.receive(now, adv)
+        assert _observable(fast) == _observable(full), (when, who, prio)
+    assert took_fast_path == fast_expected

@@ -124,6 +124,7 @@ class Slot:
     retry_at: Fraction | None = None  # a failed install is tried again then
     vips_repaired: int = 0
     armed: tuple[Fraction, bool] | None = None  # the timer bucket it is filed in
+    advert: tuple[tuple[int, int, IPAddress], bytes] | None = None  # the last one encoded
 
     @property
     def owner(self) -> bool:
@@ -330,6 +331,8 @@ class Node:
             link.drops[family][DropReason.SUPERSEDED] += superseded
         for slot, adv, diff, at in kept:
             self.stats.router_calls += 1
+            if slot.router.heard_again(at, adv):
+                continue  # a backup's Master_Down_Timer moved later: its timer bucket stays
             acts, dropped = slot.router.handle_advert(at, adv, diff)
             if dropped is not None:
                 slot.drops[dropped] += 1
@@ -486,13 +489,16 @@ class Node:
     def _run(self, now: Fraction, slot: Slot, acts: list[RouterAction]) -> None:
         """Turn one router's actions into node actions; policy follow-ups go on a work
         list handled here, in a loop."""
-        work: deque[tuple[Slot, list[RouterAction]]] = deque([(slot, acts)])
-        while work:
-            s, a = work.popleft()
+        work: list[tuple[Slot, list[RouterAction]]] = []
+        self._translate(now, slot, acts, work)
+        i = 0
+        while i < len(work):
+            s, a = work[i]
+            i += 1
             self._translate(now, s, a, work)
 
     def _translate(self, now: Fraction, slot: Slot, acts: list[RouterAction],
-                   work: deque[tuple[Slot, list[RouterAction]]]) -> None:
+                   work: list[tuple[Slot, list[RouterAction]]]) -> None:
         out = self._actions
         key = slot.key
         group_before = self.policy.active
@@ -500,12 +506,16 @@ class Node:
         current = self.slots.get(key) is slot
         for act in acts:
             if isinstance(act, SendAdvert):
-                src = self.links[slot.spec.interface].primary.get(slot.router.config.family) \
-                    if slot.spec.interface in self.links else None
+                src = slot.router.primary_address  # the link's, kept by set_addresses
                 if src is None:  # no address to send from: an I/O failure like any other
                     work.append((slot, slot.router.report_io(now, False, "send")))
                     continue
-                out.append(Send(key, encode_advert(slot.router.config, act, src), src))
+                # a master sends the same bytes every interval: encode once
+                fields = (act.priority, act.interval_cs, src)
+                cached = slot.advert
+                if cached is None or cached[0] != fields:
+                    cached = slot.advert = (fields, encode_advert(slot.router.config, act, src))
+                out.append(Send(key, cached[1], src))
             elif isinstance(act, AddVips):
                 self._ask_install(slot)
             elif isinstance(act, RemoveVips):
@@ -538,7 +548,7 @@ class Node:
         self._actions.append(SetVips(slot.key, True))
 
     def _drain_group(self, now: Fraction, on: bool,
-                     work: deque[tuple[Slot, list[RouterAction]]] | None = None) -> None:
+                     work: list[tuple[Slot, list[RouterAction]]] | None = None) -> None:
         """The group fault started or ended (vipd.core.policy): tell every router, once."""
         for s in list(self.slots.values()):
             if s.router.state is not State.FAULT:

@@ -176,6 +176,7 @@ class VirtualRouter:
         # detection: (address, when heard)
         self._last_claim: tuple[IPAddress, Seconds] | None = None
         self._other_claim: tuple[IPAddress, Seconds] | None = None
+        self._last_followed: Advert | None = None  # see heard_again
 
     # ------------------------------------------------------------ derived values
 
@@ -332,6 +333,28 @@ class VirtualRouter:
             self._master_receive(now, adv, acts)
         return acts
 
+    def heard_again(self, now: Seconds, adv: Advert) -> bool:
+        """The fast path of `receive`, for the common case: a BACKUP hearing the master it
+        follows send the very advert it accepted last time (the receive path's memo hands
+        back the same object), alone on the link. Does exactly what `receive` would (count,
+        note the peer, push Master_Down_Timer later) and returns True; returns False,
+        changing nothing, whenever anything else could happen (then call `receive`)."""
+        if (self.state is not State.BACKUP or self.drains or self._timers.release is not None
+                or adv is not self._last_followed or len(self.peers) != 1
+                or self._other_claim is not None or self.master_address != adv.src
+                or self._last_claim is None or self._last_claim[0] != adv.src):
+            return False
+        peer = self.peers.get(adv.src)
+        if peer is None:
+            return False
+        self.counters.adverts_received += 1
+        peer.last_heard = now
+        peer.adverts += 1
+        self._last_claim = (adv.src, now)
+        self.master_heard_at = now
+        self._timers.master_down = now + self.master_down_interval
+        return True
+
     def set_link(self, now: Seconds, up: bool) -> list[Action]:
         """Interface carrier/admin state from netlink."""
         acts: list[Action] = []
@@ -415,6 +438,12 @@ class VirtualRouter:
         if not self.config.preempt or adv.priority >= self.priority or holding:
             self._learn_master(now, adv)
             self._timers.master_down = now + self.master_down_interval
+            # heard_again may take the next identical one, unless something about it
+            # needs the full path each time (preemption pending, flagged or differing)
+            if (adv.priority >= self.priority or not self.config.preempt) \
+                    and not adv.first_not_link_local \
+                    and self.peers[adv.src].address_diff is None:
+                self._last_followed = adv
         # else: preempt on and a lower priority master: discard (its Master_Down_Timer runs)
 
     def _master_receive(self, now: Seconds, adv: Advert, acts: list[Action]) -> None:
@@ -455,6 +484,7 @@ class VirtualRouter:
         return adv.src.packed > self.primary_address.packed
 
     def _learn_master(self, now: Seconds, adv: Advert) -> None:
+        self._last_followed = None  # _backup_receive sets it again when it may
         self.master_address = adv.src
         self.master_priority = adv.priority
         self.master_heard_at = now
@@ -590,6 +620,7 @@ class VirtualRouter:
         if new not in _ALLOWED[old]:
             raise TransitionError(f"{self.config.name}: {old.value} -> {new.value} ({cause})")
         self.state = new
+        self._last_followed = None  # see heard_again
         self.counters.transitions += 1
         self.last_transition = LastTransition(old, new, cause, now)
         log.info("%s: %s -> %s (%s)", self.config.name, old.value, new.value, cause)

@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from vipd.core.packet import IPPROTO_VRRP, VRRP_GROUP_V4, VRRP_GROUP_V6, IPAddress, IpMeta
 
@@ -80,6 +80,8 @@ class VrrpSocket:
             s.close()
             raise
         self._sock = s
+        self._send_args: tuple[IPAddress, list[tuple[int, int, bytes]], tuple[Any, ...]] | None \
+            = None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -100,14 +102,19 @@ class VrrpSocket:
         return out
 
     def send(self, payload: bytes, src: IPAddress) -> None:
-        if self.family == 4:
-            info = struct.pack("=i4s4s", self.ifindex, src.packed, b"\0" * 4)
-            self._sock.sendmsg([payload], [(socket.IPPROTO_IP, IP_PKTINFO, info)], 0,
-                               (str(VRRP_GROUP_V4), 0))
-        else:
-            info = src.packed + struct.pack("=I", self.ifindex)
-            self._sock.sendmsg([payload], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)],
-                               0, (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
+        # the control message and destination are the same every time for one source
+        cached = self._send_args
+        if cached is None or cached[0] != src:
+            if self.family == 4:
+                info = struct.pack("=i4s4s", self.ifindex, src.packed, b"\0" * 4)
+                cached = (src, [(socket.IPPROTO_IP, IP_PKTINFO, info)],
+                          (str(VRRP_GROUP_V4), 0))
+            else:
+                info = src.packed + struct.pack("=I", self.ifindex)
+                cached = (src, [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)],
+                          (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
+            self._send_args = cached
+        self._sock.sendmsg([payload], cached[1], 0, cached[2])
 
 
 SO_ATTACH_FILTER = 26
