@@ -335,7 +335,8 @@ def test_timers_run_from_kernel_reception_time(tmp_path: Path) -> None:
         d.read("lanA", 4)
         slot = next(iter(d.slots.values()))
         # Master_Down_Interval counted from when the kernel got the advert, 4 ms ago
-        assert slot.router.master_down_timer == (Fraction(w.t) - Fraction(0.004)
+        # (reception times are whole nanoseconds)
+        assert slot.router.master_down_timer == (Fraction(int(w.t * 1e9) - 4_000_000, 10**9)
                                                  + slot.router.master_down_interval)
 
     run(tmp_path, body)

@@ -203,7 +203,9 @@ class Node:
         self.stats = Stats()
         self._actions: deque[NodeAction] = deque()
         self._buckets: dict[tuple[Fraction, bool], dict[int, Slot]] = {}
-        self._heap: list[tuple[Fraction, bool]] = []
+        # (float deadline, deadline, takeover): floats order the heap fast; the exact
+        # deadline names the bucket
+        self._heap: list[tuple[float, Fraction, bool]] = []
         self._by_vip: dict[IPAddress, Slot] = {}
         self._install(make_slot(s) for s in specs)
 
@@ -341,9 +343,9 @@ class Node:
     def handle_timer(self, now: Fraction) -> None:
         """Run every router whose deadline is at or before `now`."""
         heap = self._heap
-        while heap and heap[0][0] <= now:
-            when = heapq.heappop(heap)
-            for slot in self._buckets.pop(when, {}).values():
+        while heap and heap[0][1] <= now:
+            _, at, takeover = heapq.heappop(heap)
+            for slot in self._buckets.pop((at, takeover), {}).values():
                 slot.armed = None
                 self._fire(now, slot)
 
@@ -566,7 +568,8 @@ class Node:
             return (r, False)
         if t is None:
             return None
-        return (t, t == slot.router.master_down_timer)
+        md = slot.router.master_down_timer
+        return (t, md is not None and (t is md or t == md))
 
     def _schedule(self, slot: Slot) -> None:
         """File the router in the bucket of its next deadline; keep its bucket while the
@@ -587,12 +590,15 @@ class Node:
         bucket = self._buckets.get(due)
         if bucket is None:
             bucket = self._buckets[due] = {}
-            heapq.heappush(self._heap, due)
+            heapq.heappush(self._heap, (float(due[0]), due[0], due[1]))
             self.stats.timer_buckets += 1
         bucket[id(slot)] = slot
 
     def _head(self) -> tuple[Fraction, bool] | None:
-        heap = self._heap
-        while heap and heap[0] not in self._buckets:
+        heap, buckets = self._heap, self._buckets
+        while heap:
+            _, at, takeover = heap[0]
+            if (at, takeover) in buckets:
+                return (at, takeover)
             heapq.heappop(heap)  # an emptied bucket
-        return heap[0] if heap else None
+        return None

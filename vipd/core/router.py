@@ -145,9 +145,11 @@ class _Timers:
         self.adver = self.master_down = self.announce = self.fault_retry = None
 
     def earliest(self) -> Seconds | None:
-        armed = [t for t in (self.adver, self.master_down, self.announce, self.fault_retry,
-                             self.release) if t is not None]
-        return min(armed) if armed else None
+        best = self.adver  # (no list, no min(): called for every advert sent or heard)
+        for t in (self.master_down, self.announce, self.fault_retry, self.release):
+            if t is not None and (best is None or t < best):
+                best = t
+        return best
 
 
 class VirtualRouter:
@@ -348,6 +350,8 @@ class VirtualRouter:
         if peer is None:
             return False
         self.counters.adverts_received += 1
+        if peer.first_not_link_local:  # the same advert: flagged as before, counted again
+            self.counters.ipv6_not_link_local += 1
         peer.last_heard = now
         peer.adverts += 1
         self._last_claim = (adv.src, now)
@@ -439,9 +443,8 @@ class VirtualRouter:
             self._learn_master(now, adv)
             self._timers.master_down = now + self.master_down_interval
             # heard_again may take the next identical one, unless something about it
-            # needs the full path each time (preemption pending, flagged or differing)
+            # needs the full path each time (preemption pending, a differing list)
             if (adv.priority >= self.priority or not self.config.preempt) \
-                    and not adv.first_not_link_local \
                     and self.peers[adv.src].address_diff is None:
                 self._last_followed = adv
         # else: preempt on and a lower priority master: discard (its Master_Down_Timer runs)

@@ -91,6 +91,7 @@ class VrrpSocket:
 
     def recv_all(self, limit: int = RECV_BATCH) -> list[Received]:
         out: list[Received] = []
+        wall_ns = time.time_ns()  # once per batch: the packets' ages are against it
         while len(out) < limit:
             try:
                 data, anc, _flags, addr = self._sock.recvmsg(MAX_PACKET, 256)
@@ -98,7 +99,7 @@ class VrrpSocket:
                 return out
             item = parse_ipv4(data) if self.family == 4 else parse_ipv6(data, anc, addr)
             if item is not None:
-                out.append((item[0], item[1], packet_age(anc)))
+                out.append((item[0], item[1], packet_age(anc, wall_ns)))
         return out
 
     def send(self, payload: bytes, src: IPAddress) -> None:
@@ -130,12 +131,14 @@ def _drop_all(s: socket.socket) -> None:
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
 
 
-def packet_age(ancdata: list[tuple[int, int, bytes]]) -> float:
-    """Seconds since the kernel received the packet, from its SCM_TIMESTAMPNS."""
+def packet_age(ancdata: list[tuple[int, int, bytes]], wall_ns: int | None = None) -> float:
+    """Seconds since the kernel received the packet, from its SCM_TIMESTAMPNS, against
+    the wall clock `wall_ns` (read now if not given)."""
     for level, ctype, cdata in ancdata:
         if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS and len(cdata) >= 16:
             sec, nsec = struct.unpack("=qq", cdata[:16])
-            age = (time.time_ns() - (sec * 1_000_000_000 + nsec)) / 1e9
+            now_ns = time.time_ns() if wall_ns is None else wall_ns
+            age = (now_ns - (sec * 1_000_000_000 + nsec)) / 1e9
             return age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
     return 0.0
 

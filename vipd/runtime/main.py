@@ -24,7 +24,17 @@ def run(config_path: str, *, control_socket: str | None = None, verbose: bool = 
         for line in exc.errors:
             log.error("%s: %s", config_path, line)
         return 1
-    return asyncio.run(_main(cfg, config_path, control_socket))
+    profile = os.environ.get("VIPD_PROFILE")
+    if not profile:
+        return asyncio.run(_main(cfg, config_path, control_socket))
+    # diagnostics: profile the whole run, written at a clean stop (SIGTERM)
+    import cProfile
+
+    prof = cProfile.Profile()
+    try:
+        return prof.runcall(asyncio.run, _main(cfg, config_path, control_socket))
+    finally:
+        prof.dump_stats(profile)
 
 
 async def _main(cfg: Config, config_path: str, control_socket: str | None) -> int:
