@@ -157,7 +157,7 @@ def _tuple(blob: bytes, start: int, stop: int) -> tuple[IPAddress, IPAddress, in
                 elif t2 in (CTA_IP_V4_DST, CTA_IP_V6_DST):
                     dst = ipaddress.ip_address(blob[s2:e2])
         elif typ == CTA_TUPLE_PROTO:
-            for t2, s2, e2 in attrs(blob, s, e):
+            for t2, s2, _ in attrs(blob, s, e):
                 if t2 == CTA_PROTO_NUM:
                     proto = blob[s2]
                 elif t2 == CTA_PROTO_SRC_PORT:

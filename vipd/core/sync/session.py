@@ -1,0 +1,448 @@
+"""Connection-state replication over the sync link, as a pure core: batches of flow
+changes and datagrams in, datagrams out, `get_timer()`; no socket, no clock.
+
+Each peer is a channel both ways. Out: our flows' changes go to every peer in sequenced
+DATA datagrams, kept until acknowledged, sent again after `rto` or at once when the peer
+reports a gap; a peer too far behind (more than `max_unacked_bytes` waiting) gets a bulk
+resync instead. In: a peer's DATA is applied in sequence order (a reorder buffer holds
+what came early, a gap is reported with the next ACK); duplicates are counted and
+acknowledged again. Both sides send ALIVE every `alive_interval`, which also carries the
+newest sequence number, so a lost tail is noticed.
+
+A peer seen with a new epoch has restarted: our channel to it starts over and it gets a
+bulk resync of our flows (RESYNC_START ... RESYNC_END); what it had sent us before is
+replaced by what its resync brings (mark and sweep at RESYNC_END, so a takeover meanwhile
+still has the old state). A node is `ready` once every reachable peer has completed its
+resync to us: until then it should not win an election (it would lose flows).
+
+Caches: `internal` (key -> record) holds this node's flows, for resyncs; `external`
+(origin node -> key -> record) holds the peers', committed to the kernel at takeover.
+Records are ctnetlink attribute bytes (vipd.core.sync.record); no per-flow objects.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from collections.abc import Hashable, Iterable, Iterator
+from dataclasses import dataclass, field
+from fractions import Fraction
+
+from vipd.core.sync.record import RecordError, key_of
+from vipd.core.sync.wire import (
+    ACK,
+    ALIVE,
+    DATA,
+    F_RESYNC,
+    F_RESYNC_END,
+    F_RESYNC_START,
+    OP_DESTROY,
+    OP_UPDATE,
+    RESYNC_REQUEST,
+    ROOM,
+    Message,
+    ReplayWindow,
+    WireError,
+    open_sealed,
+    pack_record,
+    records,
+    seal,
+)
+
+Addr = Hashable
+REORDER_MAX = 4096  # datagrams held while a gap is open
+RESYNC_BURST = 128  # datagrams of a bulk resync per timer tick
+
+
+@dataclass
+class SyncSettings:
+    alive_interval: Fraction = Fraction(1, 2)
+    rto: Fraction = Fraction(1, 5)
+    max_unacked_bytes: int = 16 << 20
+    resync_tick: Fraction = Fraction(1, 100)
+    startup_wait: Fraction = Fraction(3, 2)  # how long to look for a peer at start
+    max_resync_wait: Fraction = Fraction(60)  # ready anyway after this (logged by caller)
+
+
+@dataclass
+class Peer:
+    addr: Addr
+    node: int | None = None
+    # outbound: our DATA to this peer
+    out_pno: int = 0
+    out_seq: int = 0
+    acked: int = 0
+    unacked: OrderedDict[int, tuple[int, int, bytes, Fraction]] = field(
+        default_factory=OrderedDict)  # seq -> (flags, count, payload, sent at)
+    unacked_bytes: int = 0
+    resync_keys: list[bytes] | None = None  # a bulk resync under way: keys still to send
+    resync_started: bool = False
+    resync_next: Fraction = Fraction(0)  # paced: the next burst
+    # inbound: its DATA to us
+    window: ReplayWindow = field(default_factory=ReplayWindow)
+    epoch: int | None = None
+    expected: int = 1
+    reorder: dict[int, Message] = field(default_factory=dict)
+    last_heard: Fraction | None = None
+    synced: bool = False  # its bulk resync to us completed (this epoch)
+    sweep: set[bytes] | None = None  # keys its resync refreshed so far
+    ack_due: bool = False
+    nacks: list[tuple[int, int]] = field(default_factory=list)
+    last_rtt: Fraction | None = None
+    stats: Counter[str] = field(default_factory=Counter)
+
+
+class SyncSession:
+    def __init__(self, node_id: int, epoch: int, key: bytes, peers: Iterable[Addr],
+                 now: Fraction, settings: SyncSettings | None = None) -> None:
+        self.node_id = node_id
+        self.epoch = epoch
+        self.key = key
+        self.s = settings or SyncSettings()
+        self.peers = {a: Peer(a) for a in peers}
+        self.started = now
+        self.internal: dict[bytes, bytes] = {}
+        self.external: dict[int, dict[bytes, bytes]] = {}
+        self.drops: Counter[str] = Counter()  # by reason, for datagrams of unknown senders
+        self._out: list[tuple[Addr, bytes]] = []
+        self._pending: list[bytes] = []  # packed records waiting for the next flush
+        self._pending_len = 0
+        self._next_alive = now
+        self.stats: Counter[str] = Counter()
+
+    # ------------------------------------------------------------ queries
+
+    def pop_datagrams(self) -> list[tuple[Addr, bytes]]:
+        out, self._out = self._out, []
+        return out
+
+    def get_timer(self) -> Fraction | None:
+        t = self._next_alive
+        for p in self.peers.values():
+            if p.unacked:
+                first = next(iter(p.unacked.values()))[3] + self.s.rto
+                t = min(t, first)
+            if p.resync_keys is not None:
+                t = min(t, p.resync_next)
+        return t
+
+    def reachable(self, p: Peer, now: Fraction) -> bool:
+        return p.last_heard is not None and now - p.last_heard <= 3 * self.s.alive_interval
+
+    def ready(self, now: Fraction) -> bool:
+        """Our view of the peers' flows is complete enough to take over: every reachable
+        peer finished its resync to us. At start, wait `startup_wait` for a peer first."""
+        if now - self.started >= self.s.max_resync_wait:
+            return True
+        reachable = [p for p in self.peers.values() if self.reachable(p, now)]
+        if not reachable:
+            return now - self.started >= self.s.startup_wait
+        return all(p.synced for p in reachable)
+
+    def external_records(self) -> Iterator[bytes]:
+        for flows in self.external.values():
+            yield from flows.values()
+
+    def external_count(self) -> int:
+        return sum(len(f) for f in self.external.values())
+
+    # ------------------------------------------------------------ our flows
+
+    def local(self, now: Fraction, changes: Iterable[tuple[int, bytes]]) -> None:
+        """Our own flows changed: (OP_UPDATE, record) or (OP_DESTROY, record). Queued for
+        every peer; full datagrams go at once, the rest at the next `flush`."""
+        internal = self.internal
+        node = self.node_id
+        for op, rec in changes:
+            try:
+                k = key_of(rec)
+            except RecordError:
+                self.stats["bad_local_records"] += 1
+                continue
+            if op == OP_UPDATE:
+                internal[k] = rec
+            else:
+                internal.pop(k, None)
+            packed = pack_record(op, node, rec)
+            if self._pending_len + len(packed) > ROOM:
+                self._send_pending(now)
+            self._pending.append(packed)
+            self._pending_len += len(packed)
+            self.stats["records_out"] += 1
+
+    def flush(self, now: Fraction) -> None:
+        """Send what is queued, and the acknowledgements that are due."""
+        self._send_pending(now)
+        for p in self.peers.values():
+            if p.ack_due:
+                self._send_ack(p)
+
+    def _send_pending(self, now: Fraction) -> None:
+        if not self._pending:
+            return
+        payload = b"".join(self._pending)
+        count = len(self._pending)
+        self._pending, self._pending_len = [], 0
+        for p in self.peers.values():
+            if p.resync_keys is not None and not p.resync_started:
+                continue  # it gets everything with the resync about to start
+            self._send_data(p, 0, count, payload, now)
+
+    def _send_data(self, p: Peer, flags: int, count: int, payload: bytes,
+                   now: Fraction) -> None:
+        if p.epoch is None:
+            return  # not heard yet: it gets everything in the resync when it is
+        if p.resync_keys is None and p.unacked_bytes + len(payload) > self.s.max_unacked_bytes:
+            self._start_resync(p)  # too far behind: send it everything again instead
+            return
+        p.out_seq += 1
+        p.unacked[p.out_seq] = (flags, count, payload, now)
+        p.unacked_bytes += len(payload)
+        self._emit(p, DATA, flags, count, p.out_seq, payload)
+        p.stats["data_sent"] += 1
+
+    def _emit(self, p: Peer, typ: int, flags: int, count: int, seq: int,
+              payload: bytes) -> None:
+        p.out_pno += 1
+        msg = Message(typ, flags, count, self.node_id, self.epoch, p.epoch or 0, p.out_pno,
+                      seq, p.expected - 1, payload)
+        self._out.append((p.addr, seal(self.key, msg)))
+        p.ack_due = False  # every message carries our ack
+
+    def _send_ack(self, p: Peer) -> None:
+        gaps = b"".join(a.to_bytes(8, "big") + b.to_bytes(8, "big") for a, b in p.nacks[:64])
+        p.nacks.clear()
+        self._emit(p, ACK, 0, 0, 0, gaps)
+
+    # ------------------------------------------------------------ resync
+
+    def request_resync(self, p: Peer) -> None:
+        self._emit(p, RESYNC_REQUEST, 0, 0, 0, b"")
+
+    def _start_resync(self, p: Peer) -> None:
+        p.unacked.clear()
+        p.unacked_bytes = 0
+        p.resync_keys = []  # taken from `internal` when the first burst goes out
+        p.resync_started = False
+        p.stats["resyncs_sent"] += 1
+
+    def _resync_step(self, p: Peer, now: Fraction) -> None:
+        keys = p.resync_keys
+        assert keys is not None
+        if not p.resync_started:  # what changed since it was decided is in it too
+            keys.extend(self.internal)
+        for _ in range(RESYNC_BURST):
+            flags = F_RESYNC | (0 if p.resync_started else F_RESYNC_START)
+            chunk: list[bytes] = []
+            size = 0
+            while keys:
+                rec = self.internal.get(keys[-1])
+                if rec is None:
+                    keys.pop()
+                    continue
+                packed = pack_record(OP_UPDATE, self.node_id, rec)
+                if size + len(packed) > ROOM:
+                    break
+                keys.pop()
+                chunk.append(packed)
+                size += len(packed)
+            if not keys:
+                flags |= F_RESYNC_END
+            p.resync_started = True
+            p.out_seq += 1
+            payload = b"".join(chunk)
+            p.unacked[p.out_seq] = (flags, len(chunk), payload, now)
+            p.unacked_bytes += len(payload)
+            self._emit(p, DATA, flags, len(chunk), p.out_seq, payload)
+            if not keys:
+                p.resync_keys = None
+                return
+
+    # ------------------------------------------------------------ timers
+
+    def handle_timer(self, now: Fraction) -> None:
+        for p in self.peers.values():
+            if p.resync_keys is not None and now >= p.resync_next:
+                p.resync_next = now + self.s.resync_tick
+                self._resync_step(p, now)
+            for seq, (flags, count, payload, sent) in list(p.unacked.items()):
+                if now - sent < self.s.rto:
+                    break
+                p.unacked[seq] = (flags, count, payload, now)
+                p.unacked.move_to_end(seq)
+                self._resend(p, seq, flags, count, payload)
+        if now >= self._next_alive:
+            self._next_alive = now + self.s.alive_interval
+            for p in self.peers.values():
+                self._emit(p, ALIVE, 0, 0, p.out_seq, b"")
+
+    def _resend(self, p: Peer, seq: int, flags: int, count: int, payload: bytes) -> None:
+        self._emit(p, DATA, flags, count, seq, payload)
+        p.stats["retransmissions"] += 1
+
+    # ------------------------------------------------------------ datagrams
+
+    def datagram(self, now: Fraction, addr: Addr, data: bytes) -> None:
+        """One datagram from the sync link. Anything that fails authentication, replays
+        or is malformed is dropped and counted, never applied."""
+        p = self.peers.get(addr)
+        counters = p.stats if p is not None else self.drops
+        if p is None:
+            counters["unknown_sender"] += 1
+            return
+        try:
+            msg = open_sealed(self.key, data)
+        except WireError as exc:
+            counters[exc.reason] += 1
+            return
+        if p.node is not None and msg.node != p.node and msg.epoch == p.epoch:
+            counters["node_id_changed"] += 1
+            return
+        replay = p.window.check(msg.epoch, msg.packet_no)
+        if replay is not None:
+            counters[replay] += 1
+            return
+        p.last_heard = now
+        if msg.epoch != p.epoch:
+            self._peer_restarted(p, msg)
+        if msg.peer_epoch != self.epoch:
+            # meant for an earlier life of ours, or sent before it heard us: its sequence
+            # and ack numbers are not ours (it learns our epoch from what we send)
+            if msg.type in (DATA, ACK):
+                p.stats["stale_channel"] += 1
+            return
+        self._acked(p, msg.ack, now)
+        if msg.type == DATA:
+            self._data(p, msg)
+        elif msg.type == ACK:
+            self._nacked(p, msg.payload, now)
+        elif msg.type == ALIVE:
+            if msg.seq >= p.expected:  # we missed its newest: ask again
+                p.nacks.append((p.expected, msg.seq))
+                p.ack_due = True
+        elif msg.type == RESYNC_REQUEST:
+            self._start_resync(p)
+        else:
+            counters["unknown_type"] += 1
+
+    def _peer_restarted(self, p: Peer, msg: Message) -> None:
+        """A new epoch: the peer (re)started. Its inbound sequence starts over, our channel
+        to it too (it remembers nothing of us), and it gets all our flows."""
+        if p.epoch is not None:
+            p.stats["peer_restarts"] += 1
+        p.epoch, p.node = msg.epoch, msg.node
+        p.expected, p.reorder, p.synced, p.sweep = 1, {}, False, None
+        p.out_seq, p.acked = 0, 0
+        self._start_resync(p)
+
+    def _acked(self, p: Peer, ack: int, now: Fraction) -> None:
+        if ack <= p.acked:
+            return
+        p.acked = min(ack, p.out_seq)
+        while p.unacked:
+            seq, (_f, _c, payload, sent) = next(iter(p.unacked.items()))
+            if seq > p.acked:
+                break
+            del p.unacked[seq]
+            p.unacked_bytes -= len(payload)
+            p.last_rtt = now - sent
+
+    def _nacked(self, p: Peer, gaps: bytes, now: Fraction) -> None:
+        for off in range(0, len(gaps) - 15, 16):
+            a = int.from_bytes(gaps[off:off + 8], "big")
+            b = int.from_bytes(gaps[off + 8:off + 16], "big")
+            for seq in range(max(a, p.acked + 1), min(b, p.out_seq) + 1):
+                held = p.unacked.get(seq)
+                if held is None:  # gone from our buffer: only a resync can help
+                    self._start_resync(p)
+                    return
+                flags, count, payload, _ = held
+                p.unacked[seq] = (flags, count, payload, now)
+                self._resend(p, seq, flags, count, payload)
+
+    def _data(self, p: Peer, msg: Message) -> None:
+        p.ack_due = True
+        if msg.seq < p.expected:
+            p.stats["duplicates"] += 1
+            return
+        if msg.seq > p.expected and msg.flags & F_RESYNC_START:
+            # The sender gave up on what we missed and sends everything instead: what came
+            # before this no longer matters (the resync's sweep covers lost destroys).
+            p.stats["skipped_to_resync"] += 1
+            p.reorder = {k: v for k, v in p.reorder.items() if k > msg.seq}
+            p.nacks.clear()
+            p.expected = msg.seq
+        if msg.seq > p.expected:
+            if len(p.reorder) < REORDER_MAX:
+                p.reorder[msg.seq] = msg
+            if not p.nacks or p.nacks[-1][1] < msg.seq - 1:
+                p.nacks.append((p.expected, msg.seq - 1))
+            p.stats["out_of_order"] += 1
+            return
+        self._apply(p, msg)
+        while p.expected in p.reorder:
+            self._apply(p, p.reorder.pop(p.expected))
+
+    def _apply(self, p: Peer, msg: Message) -> None:
+        p.expected = msg.seq + 1
+        if msg.flags & F_RESYNC_START:
+            p.sweep = set()
+            p.synced = False
+        try:
+            items = list(records(msg.payload))
+        except WireError:
+            p.stats["malformed"] += 1
+            return
+        for op, origin, rec in items:
+            try:
+                k = key_of(rec)
+            except RecordError:
+                p.stats["malformed"] += 1
+                continue
+            flows = self.external.setdefault(origin, {})
+            if op == OP_UPDATE:
+                flows[k] = rec
+                if p.sweep is not None and msg.flags & F_RESYNC:
+                    p.sweep.add(k)
+            elif op == OP_DESTROY:
+                flows.pop(k, None)
+            p.stats["records_in"] += 1
+        if msg.flags & F_RESYNC_END:
+            origin_flows = self.external.get(p.node or 0, {})
+            if p.sweep is not None:
+                for k in [k for k in origin_flows if k not in p.sweep]:
+                    del origin_flows[k]  # it no longer has them
+            p.sweep = None
+            p.synced = True
+            p.stats["resyncs_received"] += 1
+
+    # ------------------------------------------------------------ status
+
+    def status(self, now: Fraction) -> dict[str, object]:
+        peers = []
+        for p in self.peers.values():
+            peers.append({
+                "address": str(p.addr[0]) if isinstance(p.addr, tuple) else str(p.addr),
+                "node_id": p.node,
+                "reachable": self.reachable(p, now),
+                "last_heard_ago_s": None if p.last_heard is None
+                else round(float(now - p.last_heard), 3),
+                "synced": p.synced,
+                "seq_sent": p.out_seq,
+                "acked": p.acked,
+                "unacked": len(p.unacked),
+                "seq_received": p.expected - 1,
+                "resync_under_way": p.resync_keys is not None,
+                "lag_ms": None if p.last_rtt is None else round(float(p.last_rtt) * 1000, 1),
+                "counters": dict(p.stats),
+            })
+        return {
+            "node_id": self.node_id,
+            "ready": self.ready(now),
+            "internal_flows": len(self.internal),
+            "external_flows": self.external_count(),
+            "external_by_origin": {str(k): len(v) for k, v in self.external.items()},
+            "peers": peers,
+            "drops": dict(self.drops),
+            "records_out": self.stats["records_out"],
+        }
+
