@@ -110,6 +110,17 @@ def key_of(record: bytes) -> bytes:
     return tup + zone
 
 
+def family(record: bytes) -> int:
+    """4 or 6: the address family of the entry (from its original tuple's addresses)."""
+    for typ, start, stop in attrs(record):
+        if typ == CTA_TUPLE_ORIG:
+            for t2, s2, e2 in attrs(record, start, stop):
+                if t2 == CTA_TUPLE_IP:
+                    for t3, _, _ in attrs(record, s2, e2):
+                        return 4 if t3 in (CTA_IP_V4_SRC, CTA_IP_V4_DST) else 6
+    raise RecordError("no original tuple addresses")
+
+
 def for_create(record: bytes) -> bytes:
     """The attributes to create the entry on a peer: status limited to what may be set,
     with IPS_CONFIRMED (the kernel refuses an unconfirmed entry with EBUSY)."""
