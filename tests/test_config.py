@@ -38,7 +38,7 @@ vlans:
         version: 3
         preempt: true
         vips: [192.0.2.1/24, 2001:db8:a::1/64]
-sync: {interface: sync0, local: 203.0.113.1, peers: [203.0.113.2]}
+sync: {interface: sync0, local: 203.0.113.1, peers: [203.0.113.2], key_file: /etc/vipd/k}
 """
 
 
@@ -311,3 +311,35 @@ def test_parse_only_ever_raises_config_error(data: object) -> None:
 def test_loads_only_ever_raises_config_error(text: str) -> None:
     with contextlib.suppress(ConfigError):
         loads(text)
+
+
+def test_sync_section_options_and_key_file_permissions(tmp_path: Path) -> None:
+    from vipd.config import load_sync_key
+
+    base = GOOD.replace("key_file: /etc/vipd/k}",
+                        "key_file: /etc/vipd/k, node_id: 7, alive_interval: 200ms, "
+                        "protocols: [tcp, udp], ignore: [192.0.2.0/24, '2001:db8::1']}")
+    s = loads(base).sync
+    assert s is not None
+    assert (s.node_id, s.effective_node_id, s.alive_interval_ms) == (7, 7, 200)
+    assert s.protocols == frozenset({6, 17}) and len(s.ignore) == 2
+    assert loads(GOOD).sync.effective_node_id == int(IPv4Address("203.0.113.1"))  # type: ignore[union-attr]
+    for bad, why in (("protocols: [tcp, bogus]", "is not a list of protocols"),
+                     ("alive_interval: 1ms", "is not 10 ms to 10 s"),
+                     ("node_id: 0", "is not a node id")):
+        with pytest.raises(ConfigError) as exc:
+            loads(GOOD.replace("key_file: /etc/vipd/k}", f"key_file: /etc/vipd/k, {bad}}}"))
+        assert why in "; ".join(exc.value.errors)
+    with pytest.raises(ConfigError) as exc:
+        loads(GOOD.replace(", key_file: /etc/vipd/k}", "}"))
+    assert exc.value.errors == ["sync.key_file: is required"]
+    key = tmp_path / "sync.key"
+    key.write_bytes(b"0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match="can be read or written by others"):
+        load_sync_key(str(key))
+    key.chmod(0o600)
+    assert load_sync_key(str(key)) == b"0123456789abcdef0123456789abcdef"
+    key.write_bytes(b"short")
+    with pytest.raises(ConfigError, match="16 to 4096 bytes"):
+        load_sync_key(str(key))

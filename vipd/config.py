@@ -96,12 +96,46 @@ class VlanConfig:
     instances: tuple[InstanceConfig, ...]
 
 
+PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "sctp": 132, "dccp": 33,
+             "udplite": 136, "gre": 47}
+
+
 @dataclass(frozen=True)
 class SyncConfig:
     interface: str
     local: IPAddress
     peers: tuple[IPAddress, ...]
     port: int = 3780
+    key_file: str = ""
+    node_id: int = 0  # 0: derived from `local`
+    alive_interval_ms: int = 500
+    protocols: frozenset[int] = frozenset({6, 17, 1, 58, 132})
+    ignore: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    @property
+    def effective_node_id(self) -> int:
+        """This node's id on the sync link: configured, or the low 32 bits of `local`."""
+        return self.node_id or (int(self.local) & 0xFFFFFFFF) or 1
+
+
+def load_sync_key(path: str) -> bytes:
+    """The sync link's shared key: refused if others than the owner may read or write it,
+    or shorter than 16 bytes. (The daemon and check-config both call this.)"""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            key = f.read(4097).strip()
+    except OSError as exc:
+        raise ConfigError([f"sync.key_file: {path}: {exc.strerror}"]) from exc
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError([f"sync.key_file: {path} can be read or written by others "
+                           f"(mode {stat.S_IMODE(st.st_mode):04o}); chmod 600 it"])
+    if len(key) < 16 or len(key) > 4096:
+        raise ConfigError([f"sync.key_file: {path}: the key must be 16 to 4096 bytes"])
+    return key
 
 
 @dataclass(frozen=True)
@@ -373,6 +407,19 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
     return inst if len(p.errors) == nerr else None
 
 
+def _protocols(v: object) -> frozenset[int]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x in PROTOCOLS
+                                                   for x in v):
+        raise ValueError(v)
+    return frozenset(PROTOCOLS[x] for x in v)
+
+
+def _networks(v: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(v)
+    return tuple(ipaddress.ip_network(x, strict=False) for x in v)
+
+
 def _is_ip(v: str) -> bool:
     try:
         ipaddress.ip_address(v)
@@ -453,7 +500,9 @@ def parse(data: object, source: str = "") -> Config:
                 p.err(f"vlans[{i}].{attr}", v, "is used by another VLAN")
     sync = None
     if "sync" in top:
-        sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port"})
+        sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port",
+                                             "key_file", "node_id", "alive_interval",
+                                             "protocols", "ignore"})
         s_if = p.get("sync", sm, "interface", _name, "is not an interface name", required=True)
         s_local = p.get("sync", sm, "local", _ip, "is not an IP address", required=True)
         peers: list[IPAddress] = []
@@ -467,8 +516,24 @@ def parse(data: object, source: str = "") -> Config:
             except (ValueError, TypeError):
                 p.err(f"sync.peers[{i}]", rp, "is not an IP address")
         port = p.opt("sync", sm, "port", _int_in(1, 65535), "is not a UDP port", 3780)
-        if s_if and s_local:
-            sync = SyncConfig(s_if, s_local, tuple(peers), port)
+        key_file = p.get("sync", sm, "key_file", _path, "is not a file path", required=True)
+        node_id = p.opt("sync", sm, "node_id", _int_in(1, 2**32 - 1),
+                        "is not a node id (1 to 4294967295)", 0)
+        alive_ms = p.opt("sync", sm, "alive_interval", parse_duration_ms,
+                         "is not a duration", 500)
+        if not 10 <= alive_ms <= 10_000:
+            p.err("sync.alive_interval", sm.get("alive_interval"), "is not 10 ms to 10 s")
+        protocols = p.opt("sync", sm, "protocols", _protocols,
+                          f"is not a list of protocols ({', '.join(PROTOCOLS)})",
+                          frozenset({6, 17, 1, 58, 132}))
+        no_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+        ignore = p.opt("sync", sm, "ignore", _networks,
+                       "is not a list of addresses or prefixes", no_networks)
+        if s_local in peers:
+            p.err("sync.peers", [str(x) for x in peers], "lists this node's own address")
+        if s_if and s_local and key_file:
+            sync = SyncConfig(s_if, s_local, tuple(peers), port, key_file, node_id, alive_ms,
+                              protocols, ignore)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
     return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source)
