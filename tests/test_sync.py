@@ -222,3 +222,20 @@ def test_a_peer_far_behind_gets_a_resync_instead_of_an_endless_buffer() -> None:
     net.down.clear()
     net.run(2)
     assert net.s["b"].external_count() == 2000
+
+
+def test_record_filter_by_protocol_and_ignored_networks() -> None:
+    from ipaddress import IPv6Address, ip_network
+
+    from vipd.core.sync.record import RecordFilter
+
+    f = RecordFilter(frozenset({6, 17}), (ip_network("203.0.113.0/24"),
+                                          ip_network("2001:db8:ff::/48")))
+    assert f.keep(flow(1))
+    assert not f.keep(make_record(IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), 1, 0, 0))
+    assert not f.keep(make_record(IPv4Address("203.0.113.1"), IPv4Address("203.0.113.2"), 17,
+                                  3780, 3780))
+    assert f.keep(make_record(IPv6Address("2001:db8::1"), IPv6Address("2001:db8::2"), 6, 1, 2))
+    assert not f.keep(make_record(IPv6Address("2001:db8::1"), IPv6Address("2001:db8:ff::2"),
+                                  6, 1, 2))
+    assert f.dropped == 3

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vipd.config import ConfigError, load
+from vipd.config import ConfigError, load, load_sync_key
 
 
 def check_config(path: str) -> int:
     try:
         cfg = load(path)
+        if cfg.sync is not None:  # the daemon refuses to start without a usable key
+            load_sync_key(cfg.sync.key_file)
     except ConfigError as exc:
         for line in exc.errors:
             print(f"{path}: {line}", file=sys.stderr)

@@ -95,6 +95,29 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_sync(s: dict[str, Any]) -> str:
+    lines = [f"sync: node id {s['node_id']}, {'ready' if s['ready'] else 'BULK SYNC NOT DONE'}"
+             f"; flows: {s['internal_flows']} ours, {s['external_flows']} from peers",
+             f"{'peer':<20} {'reachable':<9} {'heard':>8} {'sent':>8} {'acked':>8} "
+             f"{'received':>9} {'retrans':>8} {'resyncs':>8} {'lag':>8}  drops"]
+    for p in s["peers"]:
+        c = p["counters"]
+        drops = ", ".join(f"{k} {c[k]}" for k in ("auth", "replay", "old_epoch", "malformed",
+                                                   "short", "version", "stale_channel")
+                          if c.get(k)) or "-"
+        lines.append(
+            f"{p['address']:<20} {'yes' if p['reachable'] else 'NO':<9} "
+            f"{_ago(p['last_heard_ago_s']):>8} {p['seq_sent']:>8} {p['acked']:>8} "
+            f"{p['seq_received']:>9} {c.get('retransmissions', 0):>8} "
+            f"{c.get('resyncs_sent', 0)}/{c.get('resyncs_received', 0):<6} "
+            f"{_ms(p['lag_ms']):>8}  {drops}")
+    lc = s.get("last_commit")
+    lines.append("last commit: none" if not lc else
+                 f"last commit: {lc['entries']} entries in {lc['duration_ms']} ms "
+                 f"({lc['created']} new, {lc['existed']} already there, {lc['failed']} failed)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vipctl", description="control a running vipd")
     ap.add_argument("-s", "--socket", "--control-socket", dest="socket",
@@ -105,12 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     mt = sub.add_parser("maintenance", help="drain this node or bring it back")
     mt.add_argument("onoff", choices=["on", "off"])
     sub.add_parser("reload", help="re-read the configuration")
+    sy = sub.add_parser("sync", help="connection-state sync: peers, caches, last commit")
+    sy.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     if args.cmd == "status":
         req: dict[str, Any] = {"command": "status"}
     elif args.cmd == "maintenance":
         req = {"command": "maintenance", "on": args.onoff == "on"}
+    elif args.cmd == "sync":
+        req = {"command": "sync"}
     else:
         req = {"command": "reload"}
     for attempt in range(BUSY_RETRIES + 1):
@@ -132,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
         return EXIT_OK if status["healthy"] else EXIT_DEGRADED
+    if args.cmd == "sync":
+        sync = reply["sync"]
+        print(json.dumps(sync, indent=2) if args.json else render_sync(sync))
+        healthy = sync["ready"] and all(p["reachable"] for p in sync["peers"])
+        return EXIT_OK if healthy else EXIT_DEGRADED
     print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
     return EXIT_OK
 

@@ -78,6 +78,13 @@ class AnnounceVips:
 
 
 @dataclass(frozen=True, slots=True)
+class CommitFlows:
+    """Write the peers' connection state (the sync cache) into the kernel. Comes before
+    the SetVips of a takeover, which the executor carries out in order; answer with
+    `flows_committed`."""
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A router changed state (for logs, notify hooks, metrics)."""
 
@@ -87,7 +94,8 @@ class Transition:
     cause: str
 
 
-NodeAction = Send | SetVips | RepairVips | AnnounceVips | Transition
+NodeAction = Send | SetVips | RepairVips | AnnounceVips | CommitFlows | Transition
+SYNC_DRAIN = "bulk sync"
 
 
 # ---------------------------------------------------------------- state
@@ -194,8 +202,13 @@ def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
 
 
 class Node:
-    def __init__(self, specs: Iterable[RouterSpec], mode: str) -> None:
+    def __init__(self, specs: Iterable[RouterSpec], mode: str,
+                 commit_before_vips: bool = False) -> None:
         self.mode = mode
+        # connection-state sync: a takeover commits the peers' flows before its VIPs go up
+        self.commit_before_vips = commit_before_vips
+        self._commit_asked = False
+        self.sync_ready = not commit_before_vips
         self.slots: dict[Key, Slot] = {}
         self.links: dict[str, Link] = {}
         self.policy = GroupPolicy(mode)
@@ -299,6 +312,8 @@ class Node:
         for key in (self.slots if keys is None else keys):
             slot = self.slots[key]
             slot.started = True
+            if not self.sync_ready:
+                slot.router.drains.add(SYNC_DRAIN)
             if not self._usable(slot):
                 slot.router.link_up = False
             self._run(now, slot, slot.router.start(now, cause))
@@ -398,6 +413,22 @@ class Node:
             slot.announce_after_install = False
             if slot.router.state is State.MASTER:
                 self._actions.append(AnnounceVips(key))
+
+    def flows_committed(self) -> None:
+        """The commit asked by CommitFlows is done (or failed: the VIPs go up anyway, a
+        takeover without state beats none)."""
+        self._commit_asked = False
+
+    def set_sync_ready(self, now: Fraction, ready: bool) -> None:
+        """Until this node has the peers' connection state (its bulk sync is done), it
+        stays out of every election, so it cannot win one in which it would lose flows
+        (pfsync's idea). O(routers), once at start."""
+        if ready == self.sync_ready:
+            return
+        self.sync_ready = ready
+        for slot in self.slots.values():
+            self.stats.router_calls += 1
+            self._run(now, slot, slot.router.set_drain(now, SYNC_DRAIN, not ready))
 
     def vip_missing(self, key: Key) -> None:
         """One of the router's VIPs left the kernel (someone removed it)."""
@@ -547,6 +578,9 @@ class Node:
 
     def _ask_install(self, slot: Slot) -> None:
         slot.installing = True
+        if self.commit_before_vips and not self._commit_asked:
+            self._commit_asked = True  # one commit serves every takeover queued behind it
+            self._actions.append(CommitFlows())
         self._actions.append(SetVips(slot.key, True))
 
     def _drain_group(self, now: Fraction, on: bool,

@@ -42,6 +42,10 @@ class Commands:
                 return {"ok": True, "reload": await self.d.reload()}
             except ConfigError as exc:
                 return error("bad_config", "; ".join(exc.errors))
+        if cmd == "sync":
+            if self.d.sync is None:
+                return error("no_sync", "sync is not configured (no sync: section)")
+            return {"ok": True, "sync": self.d.sync.status()}
         if cmd == "ping":
             return {"ok": True, "node": self.d.cfg.node.name}
         return error("unknown_command", f"unknown command {cmd!r}")
@@ -69,12 +73,22 @@ class Commands:
                           for f, c in (link.drops.items() if link else ())}})
         node_problems = [f"{name} is down ({why}); restarting"
                          for name, why in sorted(d.tasks_down.items())]
+        if d.sync is not None:
+            node_problems += d.sync.problems()
         snap = snapshot(d.cfg.node.name, d.cfg.mode.value, views, ifaces, now,
                         float(now - d._started), d.reloads, node_problems, d.stopping)
         snap["accept_mode_enforced"] = d.accept_mode_enforced
         snap["task_restarts"] = dict(d.task_restarts)
         if d._control is not None:
             snap["control"] = dict(d._control.stats)
+        if d.sync is not None:
+            ss = d.sync.session
+            snap["sync"] = {"ready": d.sync.ready_latched,
+                            "internal_flows": len(ss.internal),
+                            "external_flows": ss.external_count(),
+                            "peers_reachable": sum(ss.reachable(p, now)
+                                                   for p in ss.peers.values()),
+                            "peers": len(ss.peers)}
         return snap
 
     def _static_of(self, slot: Slot) -> dict[str, Any]:

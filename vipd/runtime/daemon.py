@@ -19,19 +19,22 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from vipd.config import Config, ConfigError, load, router_specs
+from vipd.config import Config, ConfigError, SyncConfig, load, load_sync_key, router_specs
 from vipd.core.node import Key, Node, Slot
 from vipd.io.announce import Announcer
+from vipd.io.conntrack import Conntrack
 from vipd.io.control import ControlServer
 from vipd.io.lock import InstanceLock
 from vipd.io.nft import AcceptGuard, NftAcceptGuard
 from vipd.io.rtnl import Rtnl
+from vipd.io.sync_link import SyncLink
 from vipd.io.vmac import ProcSysctl, Sysctl
 from vipd.io.vmac import set_link_up as vmac_link_up
 from vipd.io.vrrp_socket import VrrpTransport
 from vipd.runtime.commands import Commands
 from vipd.runtime.executor import Executor
 from vipd.runtime.links import LINK_MONITOR, Interface, Links, SocketFactory
+from vipd.runtime.sync import SyncDriver
 
 log = logging.getLogger("vipd")
 
@@ -55,8 +58,12 @@ class Daemon:
                  open_send_socket: SocketFactory | None = None,
                  set_link_up: Callable[[str, bool], None] = vmac_link_up,
                  accept_guard: AcceptGuard | None = None,
-                 lock: InstanceLock | None = None) -> None:
+                 lock: InstanceLock | None = None,
+                 sync_adapters: Callable[[], tuple[Conntrack, SyncLink]] | None = None
+                 ) -> None:
         self.cfg = cfg
+        self.sync_adapters = sync_adapters  # None: the real ones, if cfg.sync says so
+        self.sync: SyncDriver | None = None
         self.config_path = config_path
         self.rtnl = rtnl
         self.accept_guard = accept_guard or NftAcceptGuard()
@@ -75,7 +82,8 @@ class Daemon:
         self._tasks: list[asyncio.Task[Any]] = []
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
-        self.node = Node(router_specs(cfg), cfg.mode.value)
+        self.node = Node(router_specs(cfg), cfg.mode.value,
+                         commit_before_vips=cfg.sync is not None)
         self.links = Links(self.node, rtnl=rtnl, open_socket=open_socket,
                            open_send_socket=open_send_socket or _send_socket,
                            announcer=announcer, sysctl=sysctl or ProcSysctl(), now=self.now,
@@ -116,6 +124,8 @@ class Daemon:
                 await self.links.setup_vmac(slot)  # at start, failing to make one is fatal
         await self.links.remove_leftovers(self.node.slots.values())
         await self.apply_accept_mode()
+        if self.cfg.sync is not None:
+            await self._start_sync(self.cfg.sync)
         self._control = ControlServer(self.control_path, self.commands.handle,
                                       self.cfg.node.control_socket_mode)
         await self._control.start()
@@ -128,6 +138,20 @@ class Daemon:
         self.pump()
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.node.slots), len(self.links.ifaces), self.cfg.mode.value)
+
+    async def _start_sync(self, cfg: SyncConfig) -> None:
+        key = load_sync_key(cfg.key_file)
+        if self.sync_adapters is not None:
+            ct, link = self.sync_adapters()
+        else:
+            from vipd.io.conntrack import NetlinkConntrack
+            from vipd.io.sync_link import UdpSyncLink
+
+            ct, link = NetlinkConntrack(), UdpSyncLink(cfg.interface, cfg.local, cfg.port)
+        self.sync = SyncDriver(cfg, key, self.node, conntrack=ct, link=link, now=self.now,
+                               pump=self.pump)
+        self.executor.commit_flows = self.sync.commit
+        await self.sync.start()
 
     async def run_until_stopped(self) -> None:
         await self._done.wait()
@@ -166,6 +190,8 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.accept_guard.remove()
         await self.executor.drain()
+        if self.sync is not None:
+            self.sync.close()
         await self.links.close()
         if self._control:
             await self._control.stop()
@@ -305,6 +331,8 @@ class Daemon:
             return {"changed": 0}
         try:
             new_cfg = await self._loop.run_in_executor(None, load, self.config_path)
+            if new_cfg.sync != self.cfg.sync:
+                raise ConfigError(["sync: changes to the sync section need a restart"])
             plan = self.node.plan_reload(router_specs(new_cfg), new_cfg.mode.value)
             made = await self._prepare_reload(new_cfg, plan.added())
         except ConfigError as exc:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from fractions import Fraction
 
 from vipd.core.node import (
     AnnounceVips,
+    CommitFlows,
     Key,
     Node,
     NodeAction,
@@ -30,13 +31,15 @@ from vipd.runtime.links import Links
 
 log = logging.getLogger("vipd")
 
-Op = tuple[Slot, str]  # "add", "remove" or "repair"
+Op = tuple[Slot | None, str]  # "add", "remove", "repair" (a router's), or "commit"
 
 
 class Executor:
     def __init__(self, node: Node, links: Links, *, set_link_up: Callable[[str, bool], None],
                  now: Callable[[], Fraction], pump: Callable[[], None]) -> None:
         self.node = node
+        # the sync driver's commit, once sync runs (vipd.runtime.sync)
+        self.commit_flows: Callable[[], Awaitable[object]] | None = None
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -76,6 +79,10 @@ class Executor:
             slot = self.node.slots.get(act.key)
             if slot is not None:
                 self._queue_op(slot, "repair")
+        elif isinstance(act, CommitFlows):
+            self._queue.append((None, "commit"))  # in order: before the VIPs behind it
+            if self._flush is None:
+                self._flush = asyncio.ensure_future(self._run_queue())
         elif isinstance(act, Transition):
             pass  # logged by the router; notify hooks: TODO(#12)
 
@@ -130,7 +137,11 @@ class Executor:
             queue, self._queue = self._queue, []
             batch: list[tuple[Slot, str, int | None]] = []
             for slot, op in queue:
-                if op == "repair":
+                if slot is None:  # commit the peers' flows before the VIPs queued after
+                    await self._run_batch(batch)
+                    batch = []
+                    await self._commit()
+                elif op == "repair":
                     await self._run_batch(batch)
                     batch = []
                     await self._repair(slot)
@@ -138,6 +149,14 @@ class Executor:
                     batch.append((slot, op, self.links.vip_index(slot.key)))
             await self._run_batch(batch)
             self.pump()
+
+    async def _commit(self) -> None:
+        try:
+            if self.commit_flows is not None:
+                await self.commit_flows()
+        except Exception as exc:  # the VIPs go up anyway: a takeover without state
+            log.error("connection-state commit failed: %s", exc)  # beats none
+        self.node.flows_committed()
 
     async def _run_batch(self, batch: list[tuple[Slot, str, int | None]]) -> None:
         if not batch:

@@ -239,3 +239,58 @@ def make_record(src: IPAddress, dst: IPAddress, proto: int, sport: int, dport: i
         rec += encode_attr(CTA_PROTOINFO | NLA_F_NESTED,
                            encode_attr(CTA_PROTOINFO_TCP | NLA_F_NESTED, tcp))
     return rec
+
+
+def orig_raw(record: bytes) -> tuple[int, bytes, bytes]:
+    """(protocol, source, destination) of the original tuple, addresses as packed bytes."""
+    proto, src, dst = 0, b"", b""
+    for typ, start, stop in attrs(record):
+        if typ != CTA_TUPLE_ORIG:
+            continue
+        for t2, s2, e2 in attrs(record, start, stop):
+            if t2 == CTA_TUPLE_IP:
+                for t3, s3, e3 in attrs(record, s2, e2):
+                    if t3 in (CTA_IP_V4_SRC, CTA_IP_V6_SRC):
+                        src = record[s3:e3]
+                    elif t3 in (CTA_IP_V4_DST, CTA_IP_V6_DST):
+                        dst = record[s3:e3]
+            elif t2 == CTA_TUPLE_PROTO:
+                for t3, s3, _ in attrs(record, s2, e2):
+                    if t3 == CTA_PROTO_NUM:
+                        proto = record[s3]
+        break
+    return proto, src, dst
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class RecordFilter:
+    """What is synced: flows of the given protocols whose original source and destination
+    are both outside the ignored networks (the sync link's own traffic, for one)."""
+
+    def __init__(self, protocols: frozenset[int], ignore: tuple[IPNetwork, ...]) -> None:
+        self.protocols = protocols
+        self._nets = [(n.prefixlen, int(n.network_address), n.max_prefixlen) for n in ignore]
+        self.dropped = 0
+
+    def keep(self, record: bytes) -> bool:
+        try:
+            proto, src, dst = orig_raw(record)
+        except RecordError:
+            self.dropped += 1
+            return False
+        if proto not in self.protocols or self._ignored(src) or self._ignored(dst):
+            self.dropped += 1
+            return False
+        return True
+
+    def _ignored(self, packed: bytes) -> bool:
+        if not self._nets:
+            return False
+        value = int.from_bytes(packed, "big")
+        bits = len(packed) * 8
+        for plen, net, maxlen in self._nets:
+            if maxlen == bits and value >> (bits - plen) == net >> (bits - plen):
+                return True
+        return False

@@ -1,0 +1,154 @@
+"""The daemon with connection-state sync, through fakes: bulk sync gates the election, the
+peers' flows are committed before the VIPs go up, status and the sync command."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from test_runtime import CONFIG, World, run, settle
+from vipd.config import loads
+from vipd.core.sync.record import make_record
+from vipd.core.sync.session import SyncSession, SyncSettings
+from vipd.core.sync.wire import OP_UPDATE
+from vipd.io.conntrack import CommitResult, FakeConntrack
+from vipd.io.sync_link import FakeSyncLink
+from vipd.runtime import Daemon
+
+KEY = b"0123456789abcdef0123456789abcdef"
+LOCAL, PEER_SYNC = IPv4Address("203.0.113.11"), IPv4Address("203.0.113.12")
+
+
+def flow(i: int) -> bytes:
+    return make_record(IPv4Address("192.0.2.100"), IPv4Address("198.51.100.10"), 6,
+                       10000 + i, 5001, tcp_state=3, timeout=432000)
+
+
+class SyncWorld(World):
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        key = tmp / "sync.key"
+        key.write_bytes(KEY)
+        key.chmod(0o600)
+        self.cfg = loads(CONFIG.replace("SOCK", self.sock_path) + (
+            f"sync: {{interface: sync0, local: {LOCAL}, peers: [{PEER_SYNC}], "
+            f"key_file: {key}, alive_interval: 100ms}}\n"))
+        self.ct = FakeConntrack()
+        self.ct.table = {b"mine": flow(9999)}
+        self.link = FakeSyncLink()
+        self.log: list[str] = []
+        # the peer: a sync session of its own, with 300 flows, driven by the test
+        self.peer = SyncSession(12, 5, KEY, [LOCAL], Fraction(0),
+                                SyncSettings(alive_interval=Fraction(1, 10)))
+        self.peer.local(Fraction(0), [(OP_UPDATE, flow(i)) for i in range(300)])
+        self.peer.pop_datagrams()
+        real_commit, real_apply = self.ct.commit, self.rtnl.apply_addresses
+
+        async def commit(records: Any) -> CommitResult:
+            self.log.append("commit")
+            return await real_commit(records)
+
+        async def apply(ops: Any) -> Any:
+            self.log.append("vips")
+            return await real_apply(ops)
+
+        self.ct.commit = commit  # type: ignore[method-assign]
+        self.rtnl.apply_addresses = apply  # type: ignore[method-assign]
+
+    def adapters(self) -> tuple[FakeConntrack, FakeSyncLink]:
+        return self.ct, self.link
+
+    def exchange(self, d: Daemon, rounds: int = 20) -> None:
+        """Run the peer's session and the daemon's sync against each other."""
+        assert d.sync is not None
+        for _ in range(rounds):
+            now = d.now()
+            self.peer.handle_timer(now)
+            self.peer.flush(now)
+            for _to, data in self.peer.pop_datagrams():
+                self.link.inbox.append((PEER_SYNC, data))
+            d.sync._on_link()
+            d.sync._on_timer()  # its loop timer runs on the loop's clock, not this one
+            for _to, data in self.link.sent:
+                self.peer.datagram(now, LOCAL, data)
+            self.link.sent.clear()
+            self.t += 0.05
+
+
+def test_bulk_sync_gates_the_election_then_flows_commit_before_vips(tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path)
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        st = d.status()
+        assert st["instances"][0]["drains"] == ["bulk sync"] and not st["healthy"]
+        assert any("bulk sync not done" in p for p in st["problems"])
+        assert d.sync is not None and len(d.sync.session.internal) == 1  # our table
+        w.exchange(d)
+        sync = (await d.commands.handle({"command": "sync"}))["sync"]
+        assert sync["ready"] and sync["external_flows"] == 300
+        assert sync["peers"][0]["reachable"] and sync["peers"][0]["synced"]
+        assert w.peer.external_count() == 1  # it got ours too
+        assert d.status()["instances"][0]["drains"] == []
+        # no peer VRRP adverts: the router takes over, committing the 300 flows first
+        deadline = d.node.get_timer()
+        while d.status()["instances"][0]["state"] != "MASTER":
+            deadline = d.node.get_timer()
+            assert deadline is not None
+            w.t = float(deadline) + 1e-6
+            d.on_timer()
+        await settle(10)
+        assert w.log[:2] == ["commit", "vips"]
+        assert len(w.ct.table) == 301 and w.ct.commits == [300]
+        sync = (await d.commands.handle({"command": "sync"}))["sync"]
+        assert sync["last_commit"]["created"] == 300 and sync["commits"] == 1
+        w.exchange(d, 2)
+        assert d.status()["healthy"], d.status()["problems"]
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_alone_at_start_it_joins_the_election_after_looking_for_peers(tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path)
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        for _ in range(40):  # nobody answers on the sync link
+            w.t += 0.05
+            d.sync._on_timer()
+        st = d.status()
+        assert st["instances"][0]["drains"] == []
+        assert any("unreachable on the sync link" in p for p in st["problems"])
+        w.link.sent.clear()
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_events_are_replicated_and_an_overrun_recovers_with_a_dump(tmp_path: Path) -> None:
+    from vipd.core.sync.record import key_of
+    from vipd.core.sync.wire import OP_DESTROY
+
+    w = SyncWorld(tmp_path)
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d)
+        w.ct.events = [(OP_UPDATE, flow(5000 + i)) for i in range(50)]
+        d.sync._on_conntrack()
+        w.exchange(d, 3)
+        assert w.peer.external_count() == 51
+        # an overrun: the table is dumped again; 10 gone, 5 new
+        w.ct.table = {key_of(flow(5000 + i)): flow(5000 + i) for i in range(10, 55)}
+        w.ct.overrun_next = True
+        d.sync._on_conntrack()
+        await settle(5)
+        w.exchange(d, 3)
+        assert w.peer.external_count() == 45 and d.sync.overruns == 1
+        w.ct.events = [(OP_DESTROY, flow(5010))]
+        d.sync._on_conntrack()
+        w.exchange(d, 3)
+        assert w.peer.external_count() == 44
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+

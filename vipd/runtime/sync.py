@@ -1,0 +1,176 @@
+"""Connection-state sync in the daemon: feeds the sync core (vipd.core.sync.session) with
+conntrack events and sync-link datagrams, sends what it asks, commits the peers' flows
+when the node core asks (CommitFlows, before the VIPs of a takeover), and tells the node
+when the bulk sync is done (until then it stays out of the elections).
+
+At start the table is dumped into the internal cache; after an event overrun (ENOBUFS)
+it is dumped again and the difference sent (new and changed flows as updates, vanished
+ones as destroys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any
+
+from vipd.config import SyncConfig
+from vipd.core.node import Node
+from vipd.core.sync.record import RecordFilter, key_of
+from vipd.core.sync.session import SyncSession, SyncSettings
+from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
+from vipd.core.timing import ms_to_s
+from vipd.io.conntrack import CommitResult, Conntrack, Overrun
+from vipd.io.sync_link import SyncLink
+
+log = logging.getLogger("vipd.sync")
+
+
+class SyncDriver:
+    def __init__(self, cfg: SyncConfig, key: bytes, node: Node, *, conntrack: Conntrack,
+                 link: SyncLink, now: Callable[[], Fraction], pump: Callable[[], None],
+                 epoch: int | None = None) -> None:
+        self.cfg = cfg
+        self.node = node
+        self.ct = conntrack
+        self.link = link
+        self.now = now
+        self.pump = pump
+        settings = SyncSettings(alive_interval=ms_to_s(cfg.alive_interval_ms))
+        self.session = SyncSession(cfg.effective_node_id, epoch or time.time_ns(), key,
+                                   cfg.peers, now(), settings)
+        # the sync link's own traffic is never synced
+        from ipaddress import ip_network
+
+        own = tuple(ip_network(a) for a in (cfg.local, *cfg.peers))
+        self.filter = RecordFilter(cfg.protocols, cfg.ignore + own)
+        self.ready_latched = False
+        self.last_commit: CommitResult | None = None
+        self.commits = 0
+        self.overruns = 0
+        self.send_errors = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._loop = asyncio.get_running_loop()
+        self._readers: list[int] = []
+
+    async def start(self) -> None:
+        table = await self.ct.dump()
+        self.session.local(self.now(), [(OP_UPDATE, r) for r in table if self.filter.keep(r)])
+        self.session.pop_datagrams()  # nobody to send to yet: peers get a resync on contact
+        for fd, cb in ((self.ct.fileno(), self._on_conntrack),
+                       (self.link.fileno(), self._on_link)):
+            if fd >= 0:
+                self._loop.add_reader(fd, cb)
+                self._readers.append(fd)
+        log.info("sync: node id %d, %d flows of ours, peers %s", self.session.node_id,
+                 len(self.session.internal), ", ".join(str(p) for p in self.cfg.peers))
+        self._after()
+
+    def close(self) -> None:
+        for fd in self._readers:
+            self._loop.remove_reader(fd)
+        self._readers.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        self.ct.close()
+        self.link.close()
+
+    # ------------------------------------------------------------ events
+
+    def _on_conntrack(self) -> None:
+        try:
+            changes = self.ct.read_events()
+        except Overrun:
+            self.overruns += 1
+            log.warning("sync: conntrack events overran the socket buffer; dumping the table")
+            asyncio.ensure_future(self._resync_table())
+            return
+        keep = self.filter.keep
+        self.session.local(self.now(), [c for c in changes if keep(c[1])])
+        self._after()
+
+    async def _resync_table(self) -> None:
+        table = [r for r in await self.ct.dump() if self.filter.keep(r)]
+        present = {key_of(r) for r in table}
+        gone = [(OP_DESTROY, r) for k, r in list(self.session.internal.items())
+                if k not in present]
+        self.session.local(self.now(), [(OP_UPDATE, r) for r in table] + gone)
+        self._after()
+
+    def _on_link(self) -> None:
+        now = self.now()
+        for addr, data in self.link.recv_all():
+            self.session.datagram(now, addr, data)
+        self._after()
+
+    def _on_timer(self) -> None:
+        self._timer = self._timer_at = None
+        self.session.handle_timer(self.now())
+        self._after()
+
+    def _after(self) -> None:
+        """After every event: send what the session asks, follow readiness, re-arm."""
+        now = self.now()
+        self.session.flush(now)
+        for to, data in self.session.pop_datagrams():
+            try:
+                self.link.send(to, data)  # type: ignore[arg-type]
+            except OSError:
+                self.send_errors += 1  # the peer's problem shows as unreachable
+        if not self.ready_latched and self.session.ready(now):
+            # latched: a peer restarting later must not drain a running master
+            self.ready_latched = True
+            log.info("sync: bulk sync done (%d flows from peers): joining the elections",
+                     self.session.external_count())
+            self.node.set_sync_ready(now, True)
+            self.pump()
+        t = self.session.get_timer()
+        if t is None:
+            return
+        when = float(t)
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = max(when, self._loop.time())
+        self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    # ------------------------------------------------------------ commit
+
+    async def commit(self) -> CommitResult:
+        records = list(self.session.external_records())
+        res = await self.ct.commit(records)
+        self.last_commit = res
+        self.commits += 1
+        log.info("sync: committed %d peer flows in %.0f ms (%d new, %d already there, "
+                 "%d failed)", len(records), res.seconds * 1000, res.created, res.existed,
+                 res.failed)
+        return res
+
+    # ------------------------------------------------------------ status
+
+    def status(self) -> dict[str, Any]:
+        st = self.session.status(self.now())
+        st["ready"] = self.ready_latched
+        st["filtered_out"] = self.filter.dropped
+        st["event_overruns"] = self.overruns
+        st["send_errors"] = self.send_errors
+        c = self.last_commit
+        st["last_commit"] = None if c is None else {
+            "entries": c.created + c.existed + c.failed, "created": c.created,
+            "existed": c.existed, "failed": c.failed, "duration_ms": round(c.seconds * 1000, 1),
+            "errors": {str(k): v for k, v in c.errors.items()}}
+        st["commits"] = self.commits
+        return st
+
+    def problems(self) -> list[str]:
+        now = self.now()
+        out = [f"sync peer {p.addr} unreachable on the sync link"
+               for p in self.session.peers.values() if not self.session.reachable(p, now)]
+        if not self.ready_latched:
+            out.append("sync: bulk sync not done yet (staying out of the elections)")
+        return out
