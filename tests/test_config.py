@@ -189,8 +189,15 @@ def test_bad_durations(text: object) -> None:
 
 
 def test_check_config_command(tmp_path: Path) -> None:
+    key = tmp_path / "sync.key"
+    key.write_bytes(b"x" * 32)
+    key.chmod(0o640)
     good = tmp_path / "good.yaml"
-    good.write_text(GOOD)
+    good.write_text(GOOD.replace("/etc/vipd/k", str(key)))
+    loose = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(good)],
+                           capture_output=True, text=True)
+    assert loose.returncode == 1 and "can be read or written by others" in loose.stderr
+    key.chmod(0o600)
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("vrid: 51", "vrid: 0"))
     ok = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(good)],
