@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from lab import Lab, LabError, wait_for
+from lab import Lab, LabError, run, wait_for
 
 VRID_BASE = 50
 
@@ -209,3 +209,54 @@ class AdvertWatch:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ---------------------------------------------------------------- connection-state sync
+
+FIREWALL = """
+table inet vipdfw {
+  chain filter_forward {
+    type filter hook forward priority 0; policy drop;
+    ct state invalid counter drop
+    ct state established,related accept
+    iifname "lanA" ct state new accept
+  }
+}
+"""
+
+
+def stateful_firewall(lab: Lab, router: str) -> None:
+    """A strict stateful firewall on a router: only connections opened from lanA pass, a
+    packet of a connection the kernel does not know is invalid and dropped (TCP loose
+    pickup off), as on the firewalls conntrackd users run."""
+    run(lab.cmd(router, ["nft", "-f", "-"]), input=FIREWALL)
+    lab.sysctl(lab.ns(router), "net.netfilter.nf_conntrack_tcp_loose=0",
+               "net.netfilter.nf_conntrack_udp_timeout=600",
+               "net.netfilter.nf_conntrack_udp_timeout_stream=600")
+
+
+def sync_key(lab: Lab) -> Path:
+    key = lab.workdir / "sync.key"
+    if not key.exists():
+        key.write_bytes(os.urandom(32).hex().encode())
+        key.chmod(0o600)
+    return key
+
+
+def sync_section(lab: Lab, router: str, alive_ms: int = 200) -> dict[str, Any]:
+    """The sync: section for a router of the pair topology (203.0.113.0/24, sync0)."""
+    assert lab.topo.sync is not None
+    me = int(lab.topo.routers[router]["id"])
+    addr = lab.topo.address("sync", "ipv4", me)
+    peers = [str(lab.topo.address("sync", "ipv4", int(r["id"])).ip)  # type: ignore[union-attr]
+             for name, r in lab.topo.routers.items() if name != router]
+    assert addr is not None
+    return {"interface": "sync0", "local": str(addr.ip), "peers": peers,
+            "key_file": str(sync_key(lab)), "alive_interval": f"{alive_ms}ms"}
+
+
+def sync_status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
+    out = vipctl(lab, speaker, "sync", "--json")
+    if out.returncode not in (0, 1):
+        raise LabError(f"vipctl sync on {speaker.router}: {out.stderr}")
+    return dict(json.loads(out.stdout))

@@ -6,7 +6,8 @@ connections busy and reports which ones survived.
 
 The client sends 8 bytes per flow every 100 ms and expects them back; on SIGTERM (or after
 --seconds) it prints JSON: flows, broken (an error or a reset), stalled (no echo in the last
-3 s), and the longest stall of any flow in ms.
+3 s), the longest stall of any flow in ms, and the min/median/max of each flow's longest
+stall.
 """
 
 from __future__ import annotations
@@ -98,10 +99,15 @@ def run(server: str, flows: int, port: int, seconds: float) -> None:
             last[i] = now
     now = time.monotonic()
     stalled = [i for i in socks if i not in broken and now - last[i] > 3.0]
+    per_flow = sorted(max(stall[i], now - last[i]) * 1000 for i in socks)
     print(json.dumps({"flows": flows, "broken": len(broken), "stalled": len(stalled),
-                      "longest_stall_ms": round(max(max(stall.values(), default=0),
-                                                    max((now - last[i] for i in socks),
-                                                        default=0)) * 1000, 1)}))
+                      "longest_stall_ms": round(per_flow[-1] if per_flow else 0, 1),
+                      # each flow's longest gap between echoes: across a failover, the
+                      # time until its first round trip through the new master
+                      "stall_ms_min_median_max": [round(per_flow[0], 1),
+                                                  round(per_flow[len(per_flow) // 2], 1),
+                                                  round(per_flow[-1], 1)] if per_flow else []
+                      }))
     for s in socks.values():
         s.close()
 

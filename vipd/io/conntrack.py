@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vipd.core.sync.record import carried, family, for_create, key_of
+from vipd.core.sync.record import carried, family, for_create, key_of, tuple_only
 from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
 
 NETLINK_NETFILTER = 12
@@ -178,82 +178,102 @@ class NetlinkConntrack:
                         out.append(_record(buf, off))
 
     async def commit(self, records: Iterable[bytes]) -> CommitResult:
-        """Create the entries; those that exist already stay as the kernel has them.
-        Records come from `read_events`/`dump` (already in create form). Only failures
-        are answered (no NLM_F_ACK): a final acknowledged request marks the end, since
-        netlink handles one socket's requests in order."""
+        """Create the entries. One that exists already is replaced by the peer's: it is
+        stale here (the flow went through the peer meanwhile), and re-creating it lets the
+        kernel take up the TCP windows afresh from the next packets, where an update would
+        keep windows that reject them. Records come from `read_events`/`dump` (in create
+        form). Only failures are answered (no NLM_F_ACK): an acknowledged marker ends each
+        batch, since netlink handles one socket's requests in order."""
         res = CommitResult()
         t0 = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        flags = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
-        pack, nfgen4, nfgen6 = NLMSG.pack, NFGEN.pack(socket.AF_INET, 0, 0), \
-            NFGEN.pack(socket.AF_INET6, 0, 0)
+        recs = records if isinstance(records, list) else list(records)
+        create = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
         async with self._lock:
-            # the end marker's number first (the kernel goes by order, not by number), so
-            # a reply read at any point is recognised
-            end = self._next_seq()
-            first = end
-            done = [False]
-            chunk: list[bytes] = []
-            size = n = 0
-            for rec in records:
-                n += 1
-                seq = self._next_seq()
-                nfgen = nfgen4 if _is_v4(rec) else nfgen6
-                chunk.append(pack(HDR_LEN + len(rec), CT_NEW, flags, seq, 0))
-                chunk.append(nfgen)
-                chunk.append(rec)
-                size += HDR_LEN + len(rec)
-                if size >= WRITE_BYTES:
-                    await self._write(loop, b"".join(chunk), first, end, res, done)
-                    chunk, size = [], 0
-            # the end marker: a GET without a tuple, refused (EINVAL) and so answered
-            chunk.append(pack(HDR_LEN, CT_GET, NLM_F_REQUEST | NLM_F_ACK, end, 0))
-            chunk.append(NFGEN.pack(socket.AF_INET, 0, 0))
-            await self._write(loop, b"".join(chunk), first, end, res, done)
-            while not done[0]:
-                await _readable(loop, self._req)
-                self._read_replies(first, end, res, done)
-        res.created = n - res.existed - res.failed
+            failures = await self._batch([(CT_NEW, create, r) for r in recs])
+            existing = [recs[i] for i, err in failures if err == errno.EEXIST]
+            self._count(res, [err for _, err in failures if err != errno.EEXIST])
+            if existing:
+                msgs = []
+                for r in existing:
+                    msgs += [(CT_DELETE, NLM_F_REQUEST, tuple_only(r)), (CT_NEW, create, r)]
+                again = await self._batch(msgs)
+                self._count(res, [err for i, err in again if i % 2 == 1])
+                res.existed = len(existing)
+        res.created = len(recs) - res.existed - res.failed
         res.seconds = time.perf_counter() - t0
         return res
 
-    async def _write(self, loop: asyncio.AbstractEventLoop, data: bytes, first: int,
-                     end: int, res: CommitResult, done: list[bool]) -> None:
+    @staticmethod
+    def _count(res: CommitResult, errors: list[int]) -> None:
+        for err in errors:
+            res.failed += 1
+            res.errors[err] = res.errors.get(err, 0) + 1
+
+    async def _batch(self, msgs: list[tuple[int, int, bytes]]) -> list[tuple[int, int]]:
+        """Send the messages in writes of about 64 KiB; return the failures as (index,
+        errno)."""
+        loop = asyncio.get_running_loop()
+        pack, nfgen4, nfgen6 = NLMSG.pack, NFGEN.pack(socket.AF_INET, 0, 0), \
+            NFGEN.pack(socket.AF_INET6, 0, 0)
+        # the end marker's number first (the kernel goes by order, not by number), so a
+        # reply read at any point is recognised; the messages follow it
+        end = self._next_seq()
+        first = end + 1
+        self._seq = (self._seq + len(msgs)) & 0xFFFFFFFF
+        failures: list[tuple[int, int]] = []
+        done = [False]
+        chunk: list[bytes] = []
+        size = 0
+        for i, (typ, flags, rec) in enumerate(msgs):
+            chunk.append(pack(HDR_LEN + len(rec), typ, flags, (first + i) & 0xFFFFFFFF, 0))
+            chunk.append(nfgen4 if _is_v4(rec) else nfgen6)
+            chunk.append(rec)
+            size += HDR_LEN + len(rec)
+            if size >= WRITE_BYTES:
+                await self._write(loop, b"".join(chunk), end, failures, done)
+                chunk, size = [], 0
+        # the end marker: a GET without a tuple, refused (EINVAL) and so answered
+        chunk.append(pack(HDR_LEN, CT_GET, NLM_F_REQUEST | NLM_F_ACK, end, 0))
+        chunk.append(nfgen4)
+        await self._write(loop, b"".join(chunk), end, failures, done)
+        while not done[0]:
+            await _readable(loop, self._req)
+            self._read_replies(end, failures, done)
+        return failures
+
+    async def _write(self, loop: asyncio.AbstractEventLoop, data: bytes, end: int,
+                     failures: list[tuple[int, int]], done: list[bool]) -> None:
         while True:
             try:
                 self._req.send(data)
                 break
             except (BlockingIOError, InterruptedError):
                 await _readable(loop, self._req)
-                self._read_replies(first, end, res, done)
+                self._read_replies(end, failures, done)
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     raise
-                self._read_replies(first, end, res, done)
-        self._read_replies(first, end, res, done)  # keeps the receive buffer from filling
+                self._read_replies(end, failures, done)
+        self._read_replies(end, failures, done)  # keeps the receive buffer from filling
         await asyncio.sleep(0)  # let the loop run (adverts) between writes
 
-    def _read_replies(self, first: int, end: int, res: CommitResult,
+    def _read_replies(self, end: int, failures: list[tuple[int, int]],
                       done: list[bool]) -> None:
-        """Count the failures answered so far; done[0] once the end marker is answered."""
+        """Collect the failures answered so far; done[0] once the end marker is answered."""
         while True:
             try:
                 buf = self._req.recv(1 << 20)
             except BlockingIOError:
                 return
             for typ, _f, seq, _pid, off in messages(buf):
-                if typ != NLMSG_ERROR or seq < first:
+                if typ != NLMSG_ERROR:
                     continue
                 if seq == end:
                     done[0] = True
                     continue
                 err = -struct.unpack_from("=i", buf, off + NLMSG.size)[0]
-                if err == errno.EEXIST:
-                    res.existed += 1
-                elif err:
-                    res.failed += 1
-                    res.errors[err] = res.errors.get(err, 0) + 1
+                if err:
+                    failures.append(((seq - end - 1) & 0xFFFFFFFF, err))
 
 
 def _is_v4(rec: bytes) -> bool:

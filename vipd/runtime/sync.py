@@ -146,6 +146,11 @@ class SyncDriver:
         res = await self.ct.commit(records)
         self.last_commit = res
         self.commits += 1
+        # These flows are ours now: tell the peers, so the one that takes them back later
+        # replaces its stale entries (our commit's own events are skipped by port id, and
+        # an established flow causes no further event).
+        self.session.local(self.now(), [(OP_UPDATE, r) for r in records])
+        self._after()
         log.info("sync: committed %d peer flows in %.0f ms (%d new, %d already there, "
                  "%d failed)", len(records), res.seconds * 1000, res.created, res.existed,
                  res.failed)

@@ -121,6 +121,15 @@ def family(record: bytes) -> int:
     raise RecordError("no original tuple addresses")
 
 
+def tuple_only(record: bytes) -> bytes:
+    """The attributes that name an entry (original tuple, zone): a delete request."""
+    parts = []
+    for typ, start, stop in attrs(record):
+        if typ in (CTA_TUPLE_ORIG, CTA_ZONE):
+            parts.append(record[start - 4:stop] + b"\0" * (-(stop - start + 4) % 4))
+    return b"".join(parts)
+
+
 def for_create(record: bytes) -> bytes:
     """The attributes to create the entry on a peer: status limited to what may be set,
     with IPS_CONFIRMED (the kernel refuses an unconfirmed entry with EBUSY)."""
