@@ -2,7 +2,7 @@
 connections busy and reports which ones survived.
 
     tcpflows.py serve [--port 5001]
-    tcpflows.py run SERVER [--flows 20] [--port 5001] [--seconds 60]
+    tcpflows.py run SERVER [--flows 20] [--port 5001] [--seconds 60] [--udp]
 
 The client sends 8 bytes per flow every 100 ms and expects them back; on SIGTERM (or after
 --seconds) it prints JSON: flows, broken (an error or a reset), stalled (no echo in the last
@@ -13,6 +13,7 @@ stall.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import selectors
 import signal
@@ -23,6 +24,10 @@ import time
 
 def serve(port: int) -> None:
     sel = selectors.DefaultSelector()
+    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # UDP flows: echoed too
+    usock.bind(("0.0.0.0", port))
+    usock.setblocking(False)
+    sel.register(usock, selectors.EVENT_READ)
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind(("0.0.0.0", port))
@@ -32,6 +37,11 @@ def serve(port: int) -> None:
     while True:
         for key, _ in sel.select():
             sock = key.fileobj
+            if sock is usock:
+                with contextlib.suppress(OSError):
+                    data, addr = usock.recvfrom(2048)
+                    usock.sendto(data, addr)
+                continue
             if sock is lsock:
                 conn, _ = lsock.accept()
                 conn.setblocking(False)
@@ -48,7 +58,7 @@ def serve(port: int) -> None:
                 sock.sendall(data)  # type: ignore[union-attr]
 
 
-def run(server: str, flows: int, port: int, seconds: float) -> None:
+def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -> None:
     stop = False
 
     def on_signal(_s: int, _f: object) -> None:
@@ -62,7 +72,11 @@ def run(server: str, flows: int, port: int, seconds: float) -> None:
     broken: set[int] = set()
     socks = {}
     for i in range(flows):
-        s = socket.create_connection((server, port), timeout=5)
+        if udp:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.connect((server, port))
+        else:
+            s = socket.create_connection((server, port), timeout=5)
         s.setblocking(False)
         socks[i] = s
         sel.register(s, selectors.EVENT_READ, i)
@@ -80,7 +94,8 @@ def run(server: str, flows: int, port: int, seconds: float) -> None:
                     except BlockingIOError:
                         pass
                     except OSError:
-                        broken.add(i)
+                        if not udp:  # UDP: a pending ICMP error, not the flow's end
+                            broken.add(i)
             next_send = now + 0.1
         for key, _ in sel.select(timeout=0.02):
             i = key.data
@@ -89,6 +104,8 @@ def run(server: str, flows: int, port: int, seconds: float) -> None:
             except BlockingIOError:
                 continue
             except OSError:
+                if udp:  # an ICMP error (unreachable meanwhile): not an end for UDP
+                    continue
                 data = b""
             if not data:
                 broken.add(i)
@@ -122,11 +139,12 @@ def main() -> None:
     rn.add_argument("--flows", type=int, default=20)
     rn.add_argument("--port", type=int, default=5001)
     rn.add_argument("--seconds", type=float, default=60)
+    rn.add_argument("--udp", action="store_true", help="UDP flows instead of TCP")
     args = ap.parse_args()
     if args.cmd == "serve":
         serve(args.port)
     else:
-        run(args.server, args.flows, args.port, args.seconds)
+        run(args.server, args.flows, args.port, args.seconds, args.udp)
     sys.stdout.flush()
 
 
