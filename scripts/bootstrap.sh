@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in iproute2 iputils-ping python3 python3-venv python3-dev gcc keepalived nftables \
-           procps; do
+           procps conntrack conntrackd; do
     have "$pkg" || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -16,10 +16,13 @@ if ((${#need[@]})); then
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-# keepalived's package starts a service in the root namespace; we only use the binary.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q keepalived 2>/dev/null; then
-    systemctl disable --now keepalived >/dev/null 2>&1 || true
-fi
+# keepalived's and conntrackd's packages start services in the root namespace; we only use
+# the binaries (the benchmarks run them inside the lab's namespaces).
+for svc in keepalived conntrackd; do
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active -q "$svc" 2>/dev/null; then
+        systemctl disable --now "$svc" >/dev/null 2>&1 || true
+    fi
+done
 
 PY=/usr/bin/python3
 [ -x "$PY" ] || PY=python3

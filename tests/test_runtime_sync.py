@@ -27,12 +27,13 @@ def flow(i: int) -> bytes:
 
 
 class SyncWorld(World):
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, mode: str = "single-active") -> None:
         super().__init__(tmp)
         key = tmp / "sync.key"
         key.write_bytes(KEY)
         key.chmod(0o600)
-        self.cfg = loads(CONFIG.replace("SOCK", self.sock_path) + (
+        self.cfg = loads(CONFIG.replace("SOCK", self.sock_path).replace(
+            "mode: per-vlan-active", f"mode: {mode}") + (
             f"sync: {{interface: sync0, local: {LOCAL}, peers: [{PEER_SYNC}], "
             f"key_file: {key}, alive_interval: 100ms}}\n"))
         self.ct = FakeConntrack()
@@ -152,3 +153,23 @@ def test_events_are_replicated_and_an_overrun_recovers_with_a_dump(tmp_path: Pat
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
 
+
+
+def test_per_vlan_active_installs_the_peers_state_as_it_arrives(tmp_path: Path) -> None:
+    from vipd.core.sync.wire import OP_DESTROY
+
+    w = SyncWorld(tmp_path, "per-vlan-active")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None and d.sync.install_continuously
+        w.exchange(d)
+        await settle(5)
+        assert len(w.ct.table) == 301  # the peer's 300 are in the kernel, as a backup
+        w.peer.local(d.now(), [(OP_DESTROY, flow(i)) for i in range(100)]
+                     + [(OP_UPDATE, flow(777_000 % 50000 + 1))])
+        w.exchange(d, 3)
+        await settle(5)
+        assert len(w.ct.table) == 202
+        assert (await d.commands.handle({"command": "sync"}))["sync"]["installed"] >= 401
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]

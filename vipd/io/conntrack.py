@@ -71,6 +71,7 @@ class Conntrack(Protocol):
     def read_events(self, limit: int = 4096) -> list[Change]: ...
     async def dump(self) -> list[bytes]: ...
     async def commit(self, records: Iterable[bytes]) -> CommitResult: ...
+    async def delete(self, records: Iterable[bytes]) -> int: ...
     def close(self) -> None: ...
 
 
@@ -202,6 +203,14 @@ class NetlinkConntrack:
         res.created = len(recs) - res.existed - res.failed
         res.seconds = time.perf_counter() - t0
         return res
+
+    async def delete(self, records: Iterable[bytes]) -> int:
+        """Delete the entries (those already gone are fine); returns how many failed
+        otherwise."""
+        async with self._lock:
+            failures = await self._batch([(CT_DELETE, NLM_F_REQUEST, tuple_only(r))
+                                          for r in records])
+        return sum(1 for _, err in failures if err != errno.ENOENT)
 
     @staticmethod
     def _count(res: CommitResult, errors: list[int]) -> None:
@@ -338,6 +347,11 @@ class FakeConntrack:
                 res.created += 1
         self.commits.append(n)
         return res
+
+    async def delete(self, records: Iterable[bytes]) -> int:
+        for rec in records:
+            self.table.pop(key_of(rec), None)
+        return 0
 
     def close(self) -> None:
         pass

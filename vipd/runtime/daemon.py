@@ -149,7 +149,8 @@ class Daemon:
 
             ct, link = NetlinkConntrack(), UdpSyncLink(cfg.interface, cfg.local, cfg.port)
         self.sync = SyncDriver(cfg, key, self.node, conntrack=ct, link=link, now=self.now,
-                               pump=self.pump)
+                               pump=self.pump,
+                               install_continuously=self.cfg.mode.value == "per-vlan-active")
         self.executor.commit_flows = self.sync.commit
         await self.sync.start()
 

@@ -32,7 +32,7 @@ log = logging.getLogger("vipd.sync")
 class SyncDriver:
     def __init__(self, cfg: SyncConfig, key: bytes, node: Node, *, conntrack: Conntrack,
                  link: SyncLink, now: Callable[[], Fraction], pump: Callable[[], None],
-                 epoch: int | None = None) -> None:
+                 epoch: int | None = None, install_continuously: bool = False) -> None:
         self.cfg = cfg
         self.node = node
         self.ct = conntrack
@@ -47,6 +47,12 @@ class SyncDriver:
 
         own = tuple(ip_network(a) for a in (cfg.local, *cfg.peers))
         self.filter = RecordFilter(cfg.protocols, cfg.ignore + own)
+        # per-vlan-active: both nodes carry traffic, so the peers' state goes into the
+        # kernel as it arrives (either node can then carry any flow), not only at takeover
+        self.install_continuously = install_continuously
+        self.session.keep_applied = install_continuously
+        self.installs = 0
+        self._installing: asyncio.Future[None] | None = None
         self.ready_latched = False
         self.last_commit: CommitResult | None = None
         self.commits = 0
@@ -105,7 +111,30 @@ class SyncDriver:
         now = self.now()
         for addr, data in self.link.recv_all():
             self.session.datagram(now, addr, data)
+        if self.session.applied and self._installing is None:
+            self._installing = asyncio.ensure_future(self._install())
         self._after()
+
+    async def _install(self) -> None:
+        """Put the peers' changes into the kernel as they come, in batches (one at a
+        time; what arrives meanwhile goes in the next)."""
+        try:
+            while self.session.applied:
+                batch, self.session.applied = self.session.applied, []
+                latest: dict[bytes, tuple[int, bytes]] = {}
+                for op, rec in batch:  # a flow changed twice in a batch: its last state
+                    latest[key_of(rec)] = (op, rec)
+                updates = [r for op, r in latest.values() if op == OP_UPDATE]
+                gone = [r for op, r in latest.values() if op == OP_DESTROY]
+                if updates:
+                    await self.ct.commit(updates)
+                if gone:
+                    await self.ct.delete(gone)
+                self.installs += len(latest)
+        except Exception as exc:
+            log.error("sync: installing the peers' state failed: %s", exc)
+        finally:
+            self._installing = None
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
@@ -170,6 +199,8 @@ class SyncDriver:
             "existed": c.existed, "failed": c.failed, "duration_ms": round(c.seconds * 1000, 1),
             "errors": {str(k): v for k, v in c.errors.items()}}
         st["commits"] = self.commits
+        st["install_continuously"] = self.install_continuously
+        st["installed"] = self.installs
         return st
 
     def problems(self) -> list[str]:

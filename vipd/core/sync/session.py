@@ -103,6 +103,10 @@ class SyncSession:
         self.internal: dict[bytes, bytes] = {}
         self.external: dict[int, dict[bytes, bytes]] = {}
         self.drops: Counter[str] = Counter()  # by reason, for datagrams of unknown senders
+        # the peers' changes as applied, for a caller that installs them as they come
+        # (per-vlan-active); drained by that caller
+        self.keep_applied = False
+        self.applied: list[tuple[int, bytes]] = []
         self._out: list[tuple[Addr, bytes]] = []
         self._pending: list[bytes] = []  # packed records waiting for the next flush
         self._pending_len = 0
@@ -405,12 +409,16 @@ class SyncSession:
                     p.sweep.add(k)
             elif op == OP_DESTROY:
                 flows.pop(k, None)
+            if self.keep_applied:
+                self.applied.append((op, rec))
             p.stats["records_in"] += 1
         if msg.flags & F_RESYNC_END:
             origin_flows = self.external.get(p.node or 0, {})
             if p.sweep is not None:
                 for k in [k for k in origin_flows if k not in p.sweep]:
-                    del origin_flows[k]  # it no longer has them
+                    rec = origin_flows.pop(k)  # it no longer has them
+                    if self.keep_applied:
+                        self.applied.append((OP_DESTROY, rec))
             p.sweep = None
             p.synced = True
             p.stats["resyncs_received"] += 1
