@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in iproute2 iputils-ping python3 python3-venv python3-dev gcc keepalived nftables \
-           procps conntrack conntrackd; do
+           procps conntrack conntrackd iptables libnetfilter-queue-dev; do
     have "$pkg" || need+=("$pkg")
 done
 if ((${#need[@]})); then
@@ -31,6 +31,6 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
     echo "bootstrap: creating .venv" >&2
     "$PY" -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test]'
+    .venv/bin/pip install -q -e '.[test,hold]'
     touch "$stamp"
 fi

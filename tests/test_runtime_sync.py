@@ -14,6 +14,7 @@ from vipd.core.sync.record import make_record
 from vipd.core.sync.session import SyncSession, SyncSettings
 from vipd.core.sync.wire import OP_UPDATE
 from vipd.io.conntrack import CommitResult, FakeConntrack
+from vipd.io.hold import FakeHold
 from vipd.io.sync_link import FakeSyncLink
 from vipd.runtime import Daemon
 
@@ -39,6 +40,7 @@ class SyncWorld(World):
         self.ct = FakeConntrack()
         self.ct.table = {b"mine": flow(9999)}
         self.link = FakeSyncLink()
+        self.hold = FakeHold()
         self.log: list[str] = []
         # the peer: a sync session of its own, with 300 flows, driven by the test
         self.peer = SyncSession(12, 5, KEY, [LOCAL], Fraction(0),
@@ -92,6 +94,8 @@ def test_bulk_sync_gates_the_election_then_flows_commit_before_vips(tmp_path: Pa
         assert sync["peers"][0]["reachable"] and sync["peers"][0]["synced"]
         assert w.peer.external_count() == 1  # it got ours too
         assert d.status()["instances"][0]["drains"] == []
+        assert d.sync.hold is w.hold
+        d.sync.hold_threshold = 100  # a commit this large is held (NFQUEUE in real life)
         # no peer VRRP adverts: the router takes over, committing the 300 flows first
         deadline = d.node.get_timer()
         while d.status()["instances"][0]["state"] != "MASTER":
@@ -101,13 +105,14 @@ def test_bulk_sync_gates_the_election_then_flows_commit_before_vips(tmp_path: Pa
             d.on_timer()
         await settle(10)
         assert w.log[:2] == ["commit", "vips"]
+        assert w.hold.events == ["hold", "release"]
         assert len(w.ct.table) == 301 and w.ct.commits == [300]
         sync = (await d.commands.handle({"command": "sync"}))["sync"]
         assert sync["last_commit"]["created"] == 300 and sync["commits"] == 1
         w.exchange(d, 2)
         assert d.status()["healthy"], d.status()["problems"]
 
-    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+    run(tmp_path, body, w, sync_adapters=w.adapters, hold=w.hold)  # type: ignore[arg-type]
 
 
 def test_alone_at_start_it_joins_the_election_after_looking_for_peers(tmp_path: Path) -> None:

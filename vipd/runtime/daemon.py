@@ -24,6 +24,7 @@ from vipd.core.node import Key, Node, Slot
 from vipd.io.announce import Announcer
 from vipd.io.conntrack import Conntrack
 from vipd.io.control import ControlServer
+from vipd.io.hold import Hold
 from vipd.io.lock import InstanceLock
 from vipd.io.nft import AcceptGuard, NftAcceptGuard
 from vipd.io.rtnl import Rtnl
@@ -59,10 +60,11 @@ class Daemon:
                  set_link_up: Callable[[str, bool], None] = vmac_link_up,
                  accept_guard: AcceptGuard | None = None,
                  lock: InstanceLock | None = None,
-                 sync_adapters: Callable[[], tuple[Conntrack, SyncLink]] | None = None
-                 ) -> None:
+                 sync_adapters: Callable[[], tuple[Conntrack, SyncLink]] | None = None,
+                 hold: Hold | None = None) -> None:
         self.cfg = cfg
         self.sync_adapters = sync_adapters  # None: the real ones, if cfg.sync says so
+        self.hold = hold
         self.sync: SyncDriver | None = None
         self.config_path = config_path
         self.rtnl = rtnl
@@ -141,15 +143,24 @@ class Daemon:
 
     async def _start_sync(self, cfg: SyncConfig) -> None:
         key = load_sync_key(cfg.key_file)
+        hold = self.hold
         if self.sync_adapters is not None:
             ct, link = self.sync_adapters()
         else:
             from vipd.io.conntrack import NetlinkConntrack
+            from vipd.io.hold import NfqueueHold
             from vipd.io.sync_link import UdpSyncLink
 
             ct, link = NetlinkConntrack(), UdpSyncLink(cfg.interface, cfg.local, cfg.port)
+            if hold is None:
+                nfq = NfqueueHold(cfg.interface)
+                if nfq.unavailable:
+                    log.warning("takeover hold unavailable: %s", nfq.unavailable)
+                else:
+                    nfq.remove_leftovers()
+                    hold = nfq
         self.sync = SyncDriver(cfg, key, self.node, conntrack=ct, link=link, now=self.now,
-                               pump=self.pump,
+                               pump=self.pump, hold=hold,
                                install_continuously=self.cfg.mode.value == "per-vlan-active")
         self.executor.commit_flows = self.sync.commit
         await self.sync.start()

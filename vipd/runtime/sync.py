@@ -24,6 +24,7 @@ from vipd.core.sync.session import SyncSession, SyncSettings
 from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
 from vipd.core.timing import ms_to_s
 from vipd.io.conntrack import CommitResult, Conntrack, Overrun
+from vipd.io.hold import Hold, HoldResult
 from vipd.io.sync_link import SyncLink
 
 log = logging.getLogger("vipd.sync")
@@ -32,7 +33,8 @@ log = logging.getLogger("vipd.sync")
 class SyncDriver:
     def __init__(self, cfg: SyncConfig, key: bytes, node: Node, *, conntrack: Conntrack,
                  link: SyncLink, now: Callable[[], Fraction], pump: Callable[[], None],
-                 epoch: int | None = None, install_continuously: bool = False) -> None:
+                 epoch: int | None = None, install_continuously: bool = False,
+                 hold: Hold | None = None, hold_threshold: int = 10_000) -> None:
         self.cfg = cfg
         self.node = node
         self.ct = conntrack
@@ -53,6 +55,10 @@ class SyncDriver:
         self.session.keep_applied = install_continuously
         self.installs = 0
         self._installing: asyncio.Future[None] | None = None
+        # the takeover hold (vipd.io.hold), for commits long enough to matter
+        self.hold = hold
+        self.hold_threshold = hold_threshold
+        self.last_hold: HoldResult | None = None
         self.ready_latched = False
         self.last_commit: CommitResult | None = None
         self.commits = 0
@@ -172,7 +178,16 @@ class SyncDriver:
 
     async def commit(self) -> CommitResult:
         records = list(self.session.external_records())
-        res = await self.ct.commit(records)
+        held = self.hold is not None and len(records) >= self.hold_threshold
+        if held:
+            assert self.hold is not None
+            await self.hold.start()
+        try:
+            res = await self.ct.commit(records)
+        finally:
+            if held:
+                assert self.hold is not None
+                self.last_hold = await self.hold.release()
         self.last_commit = res
         self.commits += 1
         # These flows are ours now: tell the peers, so the one that takes them back later
@@ -199,6 +214,10 @@ class SyncDriver:
             "existed": c.existed, "failed": c.failed, "duration_ms": round(c.seconds * 1000, 1),
             "errors": {str(k): v for k, v in c.errors.items()}}
         st["commits"] = self.commits
+        h = self.last_hold
+        st["last_hold"] = None if h is None else {
+            "available": h.available, "held": h.held, "passed_over_limit": h.passed_over_limit,
+            "released_after_ms": round(h.released_after_s * 1000, 1)}
         st["install_continuously"] = self.install_continuously
         st["installed"] = self.installs
         return st
