@@ -265,11 +265,6 @@ class Daemon:
     def on_timer(self) -> None:
         """The node's timer came due (tests call this after moving their clock)."""
         self._timer = self._timer_at = None
-        if self.node.timer_is_takeover():
-            # an advert may be waiting in a deferred read: hear it before taking over
-            for iface in list(self.links.ifaces.values()):
-                for family in list(iface.deferred):
-                    self._read_deferred(iface, family)
         deadline = self.node.get_timer()
         if deadline is not None:
             early = float(deadline) - self._clock()
@@ -280,6 +275,11 @@ class Daemon:
                 # Armed PRECISE_LEAD_S early (see _arm); finish the wait exactly. Only the
                 # rare takeover pays this short blocking sleep, never the periodic adverts.
                 time.sleep(early)
+        # An advert may wait in a deferred read (_on_wakeup): hear it before any timer
+        # runs, since whatever is due now may include a takeover behind the first bucket.
+        for iface in list(self.links.ifaces.values()):
+            for family in list(iface.deferred):
+                self._read_deferred(iface, family)
         self.node.handle_timer(self.now())
         self.pump()
 
