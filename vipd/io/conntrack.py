@@ -21,11 +21,19 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from vipd.core.sync.record import carried, family, for_create, key_of, tuple_only
+from vipd.core.sync.record import (
+    RecordError,
+    carried,
+    family,
+    for_create,
+    key_of,
+    scan,
+    tuple_only,
+)
 from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
 
 NETLINK_NETFILTER = 12
@@ -50,7 +58,8 @@ NFGEN = struct.Struct("=BBH")
 HDR_LEN = NLMSG.size + NFGEN.size
 WRITE_BYTES = 64 * 1024
 
-Change = tuple[int, bytes]  # (OP_UPDATE or OP_DESTROY, record)
+Change = tuple[int, bytes, bytes]  # (OP_UPDATE or OP_DESTROY, key, record)
+Keep = Callable[[int, bytes, bytes], bool]  # (protocol, source, destination) -> sync it?
 
 
 class Overrun(Exception):
@@ -68,7 +77,7 @@ class CommitResult:
 
 class Conntrack(Protocol):
     def fileno(self) -> int: ...
-    def read_events(self, limit: int = 4096) -> list[Change]: ...
+    def read_events(self, keep: Keep, limit: int = 4096) -> list[Change]: ...
     async def dump(self) -> list[bytes]: ...
     async def commit(self, records: Iterable[bytes]) -> CommitResult: ...
     async def delete(self, records: Iterable[bytes]) -> int: ...
@@ -126,11 +135,13 @@ class NetlinkConntrack:
         if self._ev is not None:
             self._ev.close()
 
-    def read_events(self, limit: int = 4096) -> list[Change]:
-        """What the event socket holds (up to about `limit` events), ours skipped."""
+    def read_events(self, keep: Keep, limit: int = 4096) -> list[Change]:
+        """What the event socket holds (up to about `limit` events) that `keep` accepts,
+        ours skipped. Each event is parsed once (vipd.core.sync.record.scan)."""
         assert self._ev is not None
         out: list[Change] = []
         own = self.port_id
+        unpack = NLMSG.unpack_from
         while len(out) < limit:
             try:
                 buf = self._ev.recv(1 << 20)
@@ -140,13 +151,19 @@ class NetlinkConntrack:
                 if exc.errno == errno.ENOBUFS:
                     raise Overrun() from exc
                 raise
-            for typ, _flags, _seq, pid, off in messages(buf):
-                if pid == own and own:
-                    continue  # caused by our own commit
-                if typ == CT_NEW:
-                    out.append((OP_UPDATE, _record(buf, off)))
-                elif typ == CT_DELETE:
-                    out.append((OP_DESTROY, _record(buf, off)))
+            off, end = 0, len(buf)
+            while off + NLMSG.size <= end:
+                length, typ, _flags, _seq, pid = unpack(buf, off)
+                if length < NLMSG.size or off + length > end:
+                    break
+                if (pid != own or not own) and typ in (CT_NEW, CT_DELETE):
+                    try:
+                        rec, key, proto, src, dst = scan(buf, off + HDR_LEN, off + length)
+                    except RecordError:
+                        rec = b""
+                    if rec and keep(proto, src, dst):
+                        out.append((OP_UPDATE if typ == CT_NEW else OP_DESTROY, key, rec))
+                off += (length + 3) & ~3
         return out
 
     def _next_seq(self) -> int:
@@ -316,19 +333,24 @@ class FakeConntrack:
     """In memory: a table keyed like the sync core keys records, and queued events."""
 
     table: dict[bytes, bytes] = field(default_factory=dict)
-    events: list[Change] = field(default_factory=list)
+    events: list[tuple[int, bytes]] = field(default_factory=list)  # (op, record)
     overrun_next: bool = False
     commits: list[int] = field(default_factory=list)
 
     def fileno(self) -> int:
         return -1
 
-    def read_events(self, limit: int = 4096) -> list[Change]:
+    def read_events(self, keep: Keep, limit: int = 4096) -> list[Change]:
         if self.overrun_next:
             self.overrun_next = False
             self.events.clear()
             raise Overrun()
-        out, self.events = self.events[:limit], self.events[limit:]
+        batch, self.events = self.events[:limit], self.events[limit:]
+        out: list[Change] = []
+        for op, rec in batch:
+            rec2, key, proto, src, dst = scan(rec, 0, len(rec))
+            if keep(proto, src, dst):
+                out.append((op, key, rec2))
         return out
 
     async def dump(self) -> list[bytes]:

@@ -95,14 +95,13 @@ class SyncDriver:
 
     def _on_conntrack(self) -> None:
         try:
-            changes = self.ct.read_events()
+            changes = self.ct.read_events(self.filter.keep_fields)
         except Overrun:
             self.overruns += 1
             log.warning("sync: conntrack events overran the socket buffer; dumping the table")
             asyncio.ensure_future(self._resync_table())
             return
-        keep = self.filter.keep
-        self.session.local(self.now(), [c for c in changes if keep(c[1])])
+        self.session.local_keyed(self.now(), changes)
         self._after()
 
     async def _resync_table(self) -> None:

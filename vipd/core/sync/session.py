@@ -154,14 +154,21 @@ class SyncSession:
     def local(self, now: Fraction, changes: Iterable[tuple[int, bytes]]) -> None:
         """Our own flows changed: (OP_UPDATE, record) or (OP_DESTROY, record). Queued for
         every peer; full datagrams go at once, the rest at the next `flush`."""
-        internal = self.internal
-        node = self.node_id
+        keyed = []
         for op, rec in changes:
             try:
-                k = key_of(rec)
+                keyed.append((op, key_of(rec), rec))
             except RecordError:
                 self.stats["bad_local_records"] += 1
-                continue
+        self.local_keyed(now, keyed)
+
+    def local_keyed(self, now: Fraction, changes: Iterable[tuple[int, bytes, bytes]]) -> None:
+        """`local`, with each record's key already known (the capture path finds it while
+        it parses the event)."""
+        internal = self.internal
+        node = self.node_id
+        pending = self._pending
+        for op, k, rec in changes:
             if op == OP_UPDATE:
                 internal[k] = rec
             else:
@@ -169,7 +176,8 @@ class SyncSession:
             packed = pack_record(op, node, rec)
             if self._pending_len + len(packed) > ROOM:
                 self._send_pending(now)
-            self._pending.append(packed)
+                pending = self._pending
+            pending.append(packed)
             self._pending_len += len(packed)
             self.stats["records_out"] += 1
 
