@@ -16,6 +16,10 @@ client opens N new UDP flows through r1 to the server as fast as it can, and we 
   commit_s    putting the N flows into r2's kernel: vipd's takeover commit (r1's ports
               cut; reported by `vipctl sync`), conntrackd's `conntrackd -c` (timed)
   lost        flows r2 did not get within 60 s
+  tcp         200 long-lived TCP connections, r1's ports cut (sync link too): each one's
+              longest stall (its recovery), min / median / max over --tcp-runs runs; the
+              conntrackd side is keepalived + conntrackd with Debian's primary-backup
+              commit in notify_master
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +45,7 @@ from bench_scale import cpu_s, rss_mib  # noqa: E402
 from lab import Lab, Topology, cleanup_on_signals, socket_in, wait_for  # noqa: E402
 from scenario import (  # noqa: E402
     holder,
+    start_keepalived,
     start_vipd,
     stateful_firewall,
     states,
@@ -231,6 +237,82 @@ def run_conntrackd(n: int) -> dict[str, Any]:
     return res
 
 
+PRIMARY = """#!/bin/sh
+# keepalived's notify_master, as Debian's primary-backup.sh does it
+C="-C {conf}"
+conntrackd $C -c
+conntrackd $C -f internal
+conntrackd $C -R
+conntrackd $C -B
+"""
+
+
+def tcp_recovery(kind: str, runs: int) -> dict[str, Any]:
+    """200 long-lived TCP connections through the firewall; r1's ports (sync link too) cut:
+    each connection's longest stall is its recovery. vipd (sync, commit before VIPs)
+    against keepalived + conntrackd (commit in notify_master, after the VIPs moved)."""
+    per_run: list[list[float]] = []
+    stalled = 0
+    for _ in range(runs):
+        with Lab(Topology.load()) as lab:
+            prepare(lab)
+            if kind == "vipd":
+                sp = {}
+                for r, prio in (("r1", 200), ("r2", 100)):
+                    cfg = vipd_config(lab, r, prio, 100, mode="single-active")
+                    cfg["sync"] = sync_section(lab, r)
+                    sp[r] = start_vipd(lab, r, cfg)
+                    if r == "r1":
+                        wait_for(lambda: holder(lab, "lanA") == ["r1"], 10, what="r1")
+                r2 = sp["r2"]
+                wait_for(lambda r2=r2: vipd_sync(r2)["ready"], 15, what="r2 ready")
+
+                def synced(r2: Any = r2) -> bool:
+                    return bool(vipd_sync(r2)["external_flows"] >= 200)
+            else:
+                for r, me, peer in (("r1", 11, 12), ("r2", 12, 11)):
+                    conf = lab.workdir / f"{r}.ctd.conf"
+                    conf.write_text(CONNTRACKD.format(
+                        local=f"203.0.113.{me}", peer=f"203.0.113.{peer}", work=lab.workdir,
+                        router=r))
+                    script = lab.workdir / f"{r}.primary.sh"
+                    script.write_text(PRIMARY.format(conf=conf))
+                    script.chmod(0o700)
+                    lab.popen(r, ["conntrackd", "-C", str(conf)], log=f"{r}.conntrackd.out")
+                wait_for(lambda: all((lab.workdir / f"{r}.conntrackd.sock").exists()
+                                     for r in ("r1", "r2")), 10, what="conntrackd up")
+                for r, prio in (("r1", 200), ("r2", 100)):
+                    start_keepalived(lab, r, prio, 100,
+                                     notify_master=str(lab.workdir / f"{r}.primary.sh"))
+                    if r == "r1":
+                        wait_for(lambda: holder(lab, "lanA") == ["r1"], 10, what="r1")
+                time.sleep(1)
+
+                def synced() -> bool:
+                    return ctd_external(lab, "r2") >= 200
+            lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
+                      log="tcp-server.log")
+            time.sleep(0.3)
+            client = lab.popen("client", [sys.executable, str(HERE / "tcpflows.py"), "run",
+                                          SERVER, "--flows", "200", "--seconds", "60"],
+                               stdout=subprocess.PIPE)
+            wait_for(synced, 15, what="r2 holds the 200 flows")
+            time.sleep(1)
+            lab.cut("r1")
+            wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"],
+                     10, what="r2 holds both VIPs")
+            time.sleep(4)
+            os.kill(client.pid, signal.SIGTERM)
+            out = json.loads(client.communicate(timeout=20)[0] or b"{}")
+            lab.procs.pop(client.pid, None)
+            per_run.append(out["stall_ms_min_median_max"])
+            stalled += out["stalled"] + out["broken"]
+    return {"tcp_recovery_ms": [min(r[0] for r in per_run),
+                                sorted(r[1] for r in per_run)[len(per_run) // 2],
+                                max(r[2] for r in per_run)],
+            "tcp_recovery_runs": per_run, "tcp_stalled": stalled}
+
+
 def table(results: list[dict[str, Any]]) -> str:
     cols = ["flows_per_s", "lag_ms", "cpu_us_sender", "cpu_us_receiver", "rss_mib_sender",
             "rss_mib_receiver", "commit_s", "lost"]
@@ -245,6 +327,14 @@ def table(results: list[dict[str, Any]]) -> str:
         ratio = {k: round(v[k] / c[k], 2) for k in cols if k != "lost" and c.get(k)}
         lines.append("| vipd / conntrackd | | " + " | ".join(
             str(ratio.get(k, "-")) for k in cols) + " |")
+    tcp = [r for r in results if "tcp_recovery_ms" in r]
+    if tcp:
+        lines += ["", "| kind | TCP recovery after the cut, ms (min / median / max) | "
+                  "connections stalled |", "| --- | --- | --- |"]
+        for r in tcp:
+            name = r["kind"] if r["kind"] == "vipd" else "keepalived + conntrackd"
+            lines.append(f"| {name} | {' / '.join(str(x) for x in r['tcp_recovery_ms'])} | "
+                         f"{r['tcp_stalled']} |")
     return "\n".join(lines)
 
 
@@ -254,6 +344,8 @@ def main() -> int:
     ap.add_argument("--kinds", default="vipd,conntrackd")
     ap.add_argument("--out", default=str(HERE / "results" / "sync.json"))
     ap.add_argument("--summarize")
+    ap.add_argument("--tcp-runs", type=int, default=3,
+                    help="TCP recovery runs per kind (0: skip)")
     args = ap.parse_args()
     if args.summarize:
         print(table(json.loads(Path(args.summarize).read_text())["results"]))
@@ -269,6 +361,8 @@ def main() -> int:
                   file=sys.stderr)
             continue
         r = run_vipd(args.flows) if kind == "vipd" else run_conntrackd(args.flows)
+        if args.tcp_runs and (kind == "vipd" or shutil.which("keepalived")):
+            r.update(tcp_recovery(kind, args.tcp_runs))
         print(json.dumps(r), flush=True)
         results.append(r)
     Path(args.out).write_text(json.dumps({"results": results}, indent=1))
