@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vipd.config import loads
+from vipd.core.node import COARSE_S
 from vipd.core.packet import (
     VRRP_GROUP_V4,
     ChecksumVariant,
@@ -102,11 +103,17 @@ def run(tmp: Path, body: Callable[[World, Daemon], Awaitable[None]],
 
 
 def fire(w: World, d: Daemon) -> None:
-    """Jump the clock to the node's next deadline and run its timer."""
+    """Jump the clock to the node's next deadline and run its timer. A Master_Down_Timer
+    is first woken for on a coarse grid (vipd.core.node.COARSE_S): then its exact
+    deadline, which that wake-up filed, is run as well."""
     deadline = d.node.get_timer()
     assert deadline is not None
     w.t = float(deadline) + 1e-6
     d.on_timer()
+    nxt = d.node.next_timer()
+    if nxt is not None and nxt[1] and nxt[0] - deadline <= COARSE_S:
+        w.t = float(nxt[0]) + 1e-6
+        d.on_timer()
 
 
 def test_startup_backup_then_master_with_vips_advert_and_garp(tmp_path: Path) -> None:

@@ -182,6 +182,8 @@ class Stats:
 
 Packet = tuple[bytes, IpMeta, Fraction]  # payload, IP metadata, reception time
 
+COARSE_S = Fraction(1, 20)  # see Node._deadline
+
 IFA_F_SECONDARY = 0x01  # linux/if_addr.h
 IFA_F_TENTATIVE = 0x40
 
@@ -373,7 +375,7 @@ class Node:
                 self._ask_install(slot)
         deadline = slot.router.get_timer()
         if deadline is None or deadline > now:
-            self._schedule(slot)  # woken for a deadline that has since moved later
+            self._schedule(slot, now)  # woken before its deadline (moved later, or coarse)
             return
         self.stats.router_calls += 1
         self._run(now, slot, slot.router.handle_timer(now))
@@ -405,7 +407,7 @@ class Node:
             self._run(now, slot, slot.router.report_io(now, False, VIP_INSTALL))
             if slot.router.state is State.MASTER:  # try again, one interval later
                 slot.retry_at = now + slot.router.advertisement_interval
-                self._schedule(slot)
+                self._schedule(slot, now)
             return
         if slot.router.io_failures_pending:
             slot.router.report_io(now, True, VIP_INSTALL)
@@ -566,7 +568,7 @@ class Node:
                 if current:
                     self.policy.note(key, act.old, act.new)
                 out.append(Transition(key, act.old, act.new, act.cause))
-        self._schedule(slot)
+        self._schedule(slot, now)
         if not transitioned or not current or self.stopping:
             return
         if self.policy.active != group_before:
@@ -595,7 +597,12 @@ class Node:
                 else:
                     work.append((s, acts))
 
-    def _deadline(self, slot: Slot) -> tuple[Fraction, bool] | None:
+    def _deadline(self, slot: Slot, now: Fraction) -> tuple[Fraction, bool] | None:
+        """When to wake for the router, and whether that is a takeover to time exactly.
+        A Master_Down_Timer further away than COARSE_S is filed on a coarse grid just
+        before it: a backup's timer moves later at every advert, and the routers of one
+        master then share a few wake-ups a second instead of one each (reception times
+        differ by microseconds); when it comes near, it is filed exactly."""
         t = slot.router.get_timer()
         r = slot.retry_at
         if r is not None and (t is None or r < t):
@@ -603,12 +610,16 @@ class Node:
         if t is None:
             return None
         md = slot.router.master_down_timer
-        return (t, md is not None and (t is md or t == md))
+        if md is None or not (t is md or t == md):
+            return (t, False)
+        if t - now > COARSE_S:
+            return ((t // COARSE_S) * COARSE_S, False)
+        return (t, True)
 
-    def _schedule(self, slot: Slot) -> None:
+    def _schedule(self, slot: Slot, now: Fraction) -> None:
         """File the router in the bucket of its next deadline; keep its bucket while the
         deadline only moves later (it is re-filed when the bucket comes due)."""
-        due = self._deadline(slot)
+        due = self._deadline(slot, now)
         armed = slot.armed
         if armed is not None:
             if due is not None and armed[0] <= due[0]:
