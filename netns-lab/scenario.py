@@ -250,7 +250,7 @@ def sync_key(lab: Lab) -> Path:
     return key
 
 
-def sync_section(lab: Lab, router: str, alive_ms: int = 200) -> dict[str, Any]:
+def sync_section(lab: Lab, router: str, alive_ms: int = 20) -> dict[str, Any]:
     """The sync: section for a router of the pair topology (203.0.113.0/24, sync0)."""
     assert lab.topo.sync is not None
     me = int(lab.topo.routers[router]["id"])

@@ -8,11 +8,12 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from test_runtime import CONFIG, World, run, settle
+from test_runtime import CONFIG, PEER, World, advert, fire, run, settle
 from vipd.config import loads
 from vipd.core.sync.record import make_record
-from vipd.core.sync.session import SyncSession, SyncSettings
+from vipd.core.sync.session import SyncSession, SyncSettings, alive_payload
 from vipd.core.sync.wire import OP_UPDATE
+from vipd.core.timing import ms_to_s
 from vipd.io.conntrack import CommitResult, FakeConntrack
 from vipd.io.hold import FakeHold
 from vipd.io.sync_link import FakeSyncLink
@@ -28,7 +29,7 @@ def flow(i: int) -> bytes:
 
 
 class SyncWorld(World):
-    def __init__(self, tmp: Path, mode: str = "single-active") -> None:
+    def __init__(self, tmp: Path, mode: str = "single-active", alive: str = "100ms") -> None:
         super().__init__(tmp)
         key = tmp / "sync.key"
         key.write_bytes(KEY)
@@ -36,7 +37,7 @@ class SyncWorld(World):
         self.cfg = loads(CONFIG.replace("SOCK", self.sock_path).replace(
             "mode: per-vlan-active", f"mode: {mode}") + (
             f"sync: {{interface: sync0, local: {LOCAL}, peers: [{PEER_SYNC}], "
-            f"key_file: {key}, alive_interval: 100ms}}\n"))
+            f"key_file: {key}, alive_interval: {alive}}}\n"))
         self.ct = FakeConntrack()
         self.ct.table = {b"mine": flow(9999)}
         self.link = FakeSyncLink()
@@ -44,7 +45,8 @@ class SyncWorld(World):
         self.log: list[str] = []
         # the peer: a sync session of its own, with 300 flows, driven by the test
         self.peer = SyncSession(12, 5, KEY, [LOCAL], Fraction(0),
-                                SyncSettings(alive_interval=Fraction(1, 10)))
+                                SyncSettings(alive_interval=ms_to_s(int(alive[:-2]))))
+        self.peer.alive_payload = alive_payload([PEER])  # its VLAN address, as vipd sends
         self.peer.local(Fraction(0), [(OP_UPDATE, flow(i)) for i in range(300)])
         self.peer.pop_datagrams()
         real_commit, real_apply = self.ct.commit, self.rtnl.apply_addresses
@@ -176,5 +178,65 @@ def test_per_vlan_active_installs_the_peers_state_as_it_arrives(tmp_path: Path) 
         await settle(5)
         assert len(w.ct.table) == 202
         assert (await d.commands.handle({"command": "sync"}))["sync"]["installed"] >= 401
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def run_due(w: SyncWorld, d: Daemon) -> None:
+    """Run the node's timers that are due at the world's time (the loop would have)."""
+    while (t := d.node.get_timer()) is not None and float(t) <= w.t:
+        d.on_timer()
+
+
+def test_a_silent_peer_node_makes_its_backups_take_over_after_one_missed_advert(
+        tmp_path: Path) -> None:
+    """Issue 11's node-death rule: the sync link silent AND the master's adverts missing
+    one interval: take over then, not after Master_Down_Interval."""
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        w.deliver(d, advert(200))  # the peer's node is master on lanA
+        slot = next(iter(d.slots.values()))
+        r = slot.router
+        heard = r.master_heard_at
+        assert r.state.value == "BACKUP" and heard is not None
+        normal = r.master_down_timer
+        assert normal == heard + r.master_down_interval
+        # the peer goes silent on the sync link (and its adverts stop)
+        for _ in range(6):
+            w.t += 0.02
+            d.sync._on_timer()
+            run_due(w, d)
+        assert r.master_down_timer == heard + Fraction(1, 10) + r.skew_time
+        assert r.counters.fast_takeovers_armed == 1
+        w.link.sent.clear()
+        while r.state.value == "BACKUP":
+            fire(w, d)
+        assert r.state.value == "MASTER" and w.t < float(normal)
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_adverts_still_heard_when_only_the_sync_link_is_lost_keep_the_master(
+        tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        w.deliver(d, advert(200))
+        r = next(iter(d.slots.values())).router
+        for _ in range(30):  # 0.6 s: the sync link is silent, the adverts keep coming
+            w.t += 0.02
+            d.sync._on_timer()
+            run_due(w, d)
+            if _ % 5 == 4:
+                w.deliver(d, advert(200))
+        assert r.state.value == "BACKUP" and r.counters.fast_takeovers_armed == 1
+        assert r.master_down_timer == r.master_heard_at + r.master_down_interval  # type: ignore[operator]
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]

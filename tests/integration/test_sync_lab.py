@@ -94,26 +94,23 @@ def test_tcp_flows_survive_a_cut_of_the_master(lab: Lab) -> None:
     assert res["stall_ms_min_median_max"][2] < 3000
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_udp_flows_survive_a_cut_only_with_sync(lab: Lab, sync: bool) -> None:
-    """The firewall lets new flows in from lanA only: without the state, the server's
-    answers are new flows from lanB on r2, and dropped."""
-    r1, r2 = start(lab, sync=sync)
+def test_udp_flows_survive_a_cut(lab: Lab) -> None:
+    """200 UDP flows (client asks, server answers). Without sync these recover too, once
+    the client's next datagram creates the state again on r2 (the firewall lets new flows
+    in from lanA); with sync the server's answers pass from the first moment. The TCP test
+    above is the one that shows the difference."""
+    r1, r2 = start(lab, sync=True)
     client = flows(lab, udp=True)
-    if sync:
-        synced_to_r2(lab, r2, FLOWS)
+    synced_to_r2(lab, r2, FLOWS)
     time.sleep(1)
     lab.cut("r1")
     wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 5,
              what="r2 holds both VIPs")
     time.sleep(4)
     res = result(lab, client)
-    print("udp", "sync" if sync else "no sync", res)
-    if sync:
-        assert res["stalled"] == 0, res
-        assert res["stall_ms_min_median_max"][2] < 1500, res
-    else:
-        assert res["stalled"] >= FLOWS * 0.9, res
+    print("udp:", res)
+    assert res["stalled"] == 0, res
+    assert res["stall_ms_min_median_max"][2] < 1500, res
 
 
 def test_without_sync_the_same_flows_stall(lab: Lab) -> None:

@@ -421,6 +421,24 @@ class Node:
         takeover without state beats none)."""
         self._commit_asked = False
 
+    def master_node_gone(self, now: Fraction, addresses: Iterable[IPAddress]) -> int:
+        """The sync link says the node owning these (VLAN) addresses went silent: every
+        backup following a master at one of them takes over after one missed advert
+        (VirtualRouter.master_node_gone). Returns how many routers were expedited."""
+        gone = set(addresses)
+        n = 0
+        for slot in self.slots.values():
+            r = slot.router
+            if r.master_address in gone and r.master_node_gone(now):
+                self._schedule(slot, now)
+                n += 1
+        return n
+
+    def own_addresses(self) -> list[IPAddress]:
+        """This node's addresses on its VLANs (the primaries its adverts come from)."""
+        return [a for link in self.links.values() for a in link.primary.values()
+                if a is not None]
+
     def set_sync_ready(self, now: Fraction, ready: bool) -> None:
         """Until this node has the peers' connection state (its bulk sync is done), it
         stays out of every election, so it cannot win one in which it would lose flows

@@ -131,6 +131,7 @@ class Counters:
     ipv6_not_link_local: int = 0
     address_mismatch: int = 0
     peers_forgotten: int = 0  # aged out, or pushed out by newer senders (MAX_PEERS)
+    fast_takeovers_armed: int = 0  # master_node_gone moved the Master_Down_Timer
 
 
 @dataclass(slots=True)
@@ -357,6 +358,22 @@ class VirtualRouter:
         self._last_claim = (adv.src, now)
         self.master_heard_at = now
         self._timers.master_down = now + self.master_down_interval
+        return True
+
+    def master_node_gone(self, now: Seconds) -> bool:
+        """A second channel (the sync link) says the master's node went silent: take over
+        once its adverts have missed one interval (plus Skew_Time, so the best backup still
+        goes first), not after the whole Master_Down_Interval. Only moves the
+        Master_Down_Timer earlier; an advert heard meanwhile sets it back as usual, so a lost
+        second channel alone never causes a takeover. True if the timer moved."""
+        if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
+            return False
+        heard = self.master_heard_at if self.master_heard_at is not None else now
+        at = max(now, heard + cs_to_s(self.master_adver_interval_cs) + self.skew_time)
+        if at >= self._timers.master_down:
+            return False
+        self._timers.master_down = at
+        self.counters.fast_takeovers_armed += 1
         return True
 
     def set_link(self, now: Seconds, up: bool) -> list[Action]:

@@ -20,7 +20,7 @@ from typing import Any
 from vipd.config import SyncConfig
 from vipd.core.node import Node
 from vipd.core.sync.record import RecordFilter, key_of
-from vipd.core.sync.session import SyncSession, SyncSettings
+from vipd.core.sync.session import SyncSession, SyncSettings, alive_payload
 from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
 from vipd.core.timing import ms_to_s
 from vipd.io.conntrack import CommitResult, Conntrack, Overrun
@@ -59,6 +59,7 @@ class SyncDriver:
         self.hold = hold
         self.hold_threshold = hold_threshold
         self.last_hold: HoldResult | None = None
+        self._peer_up: dict[object, bool] = {}
         self.ready_latched = False
         self.last_commit: CommitResult | None = None
         self.commits = 0
@@ -143,8 +144,26 @@ class SyncDriver:
 
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
-        self.session.handle_timer(self.now())
+        now = self.now()
+        self.session.alive_payload = alive_payload(self.node.own_addresses())
+        self.session.handle_timer(now)
+        self._check_peers(now)
         self._after()
+
+    def _check_peers(self, now: Fraction) -> None:
+        """A peer silent on the sync link: if its adverts stop too, its node is gone and
+        our backups need not wait for the whole Master_Down_Interval (vipd.core.router
+        master_node_gone). O(peers) per tick; O(routers) once per peer lost."""
+        for p in self.session.peers.values():
+            up = self.session.reachable(p, now)
+            was = self._peer_up.get(p.addr)
+            self._peer_up[p.addr] = up
+            if was and not up and p.addresses:
+                n = self.node.master_node_gone(now, p.addresses)
+                log.warning("sync: peer %s silent on the sync link; %d backups will take "
+                            "over after one missed advert", p.addr, n)
+                if n:
+                    self.pump()
 
     def _after(self) -> None:
         """After every event: send what the session asks, follow readiness, re-arm."""

@@ -26,6 +26,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable, Iterable, Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
+from ipaddress import IPv4Address, IPv6Address
 
 from vipd.core.sync.record import RecordError, key_of
 from vipd.core.sync.wire import (
@@ -49,6 +50,25 @@ from vipd.core.sync.wire import (
 )
 
 Addr = Hashable
+IPAddress = IPv4Address | IPv6Address
+
+
+def alive_payload(addresses: Iterable[IPAddress]) -> bytes:
+    """Addresses as `family (1) | packed`, for ALIVE messages."""
+    return b"".join(bytes([a.version]) + a.packed for a in addresses)
+
+
+def _addresses(payload: bytes) -> frozenset[IPAddress]:
+    out: set[IPAddress] = set()
+    off = 0
+    while off < len(payload):
+        n = 4 if payload[off] == 4 else 16
+        raw = payload[off + 1:off + 1 + n]
+        if len(raw) != n:
+            break
+        out.add(IPv4Address(raw) if n == 4 else IPv6Address(raw))
+        off += 1 + n
+    return frozenset(out)
 REORDER_MAX = 4096  # datagrams held while a gap is open
 RESYNC_BURST = 128  # datagrams of a bulk resync per timer tick
 
@@ -88,6 +108,8 @@ class Peer:
     ack_due: bool = False
     nacks: list[tuple[int, int]] = field(default_factory=list)
     last_rtt: Fraction | None = None
+    alive_payload: bytes = b""
+    addresses: frozenset[IPAddress] = frozenset()  # its VLAN addresses, from its ALIVE
     stats: Counter[str] = field(default_factory=Counter)
 
 
@@ -107,6 +129,9 @@ class SyncSession:
         # (per-vlan-active); drained by that caller
         self.keep_applied = False
         self.applied: list[tuple[int, bytes]] = []
+        # what our ALIVE messages carry: this node's addresses on its VLANs (packed), so a
+        # peer can tell which VRRP masters are this node
+        self.alive_payload = b""
         self._out: list[tuple[Addr, bytes]] = []
         self._pending: list[bytes] = []  # packed records waiting for the next flush
         self._pending_len = 0
@@ -285,7 +310,7 @@ class SyncSession:
         if now >= self._next_alive:
             self._next_alive = now + self.s.alive_interval
             for p in self.peers.values():
-                self._emit(p, ALIVE, 0, 0, p.out_seq, b"")
+                self._emit(p, ALIVE, 0, 0, p.out_seq, self.alive_payload)
 
     def _resend(self, p: Peer, seq: int, flags: int, count: int, payload: bytes) -> None:
         self._emit(p, DATA, flags, count, seq, payload)
@@ -328,6 +353,9 @@ class SyncSession:
         elif msg.type == ACK:
             self._nacked(p, msg.payload, now)
         elif msg.type == ALIVE:
+            if msg.payload != p.alive_payload:
+                p.alive_payload = msg.payload
+                p.addresses = _addresses(msg.payload)
             if msg.seq >= p.expected:  # we missed its newest: ask again
                 p.nacks.append((p.expected, msg.seq))
                 p.ack_due = True
