@@ -325,15 +325,18 @@ def test_sync_section_options_and_key_file_permissions(tmp_path: Path) -> None:
 
     base = GOOD.replace("key_file: /etc/vipd/k}",
                         "key_file: /etc/vipd/k, node_id: 7, alive_interval: 200ms, "
-                        "protocols: [tcp, udp], ignore: [192.0.2.0/24, '2001:db8::1']}")
+                        "protocols: [tcp, udp], ignore: [192.0.2.0/24, '2001:db8::1'], "
+                        "zones: [0, 7]}")
     s = loads(base).sync
     assert s is not None
     assert (s.node_id, s.effective_node_id, s.alive_interval_ms) == (7, 7, 200)
     assert s.protocols == frozenset({6, 17}) and len(s.ignore) == 2
+    assert s.zones == frozenset({0, 7})
     assert loads(GOOD).sync.effective_node_id == int(IPv4Address("203.0.113.1"))  # type: ignore[union-attr]
     for bad, why in (("protocols: [tcp, bogus]", "is not a list of protocols"),
                      ("alive_interval: 1ms", "is not 10 ms to 10 s"),
-                     ("node_id: 0", "is not a node id")):
+                     ("node_id: 0", "is not a node id"),
+                     ("zones: [70000]", "is not a list of conntrack zones")):
         with pytest.raises(ConfigError) as exc:
             loads(GOOD.replace("key_file: /etc/vipd/k}", f"key_file: /etc/vipd/k, {bad}}}"))
         assert why in "; ".join(exc.value.errors)

@@ -239,3 +239,24 @@ def test_record_filter_by_protocol_and_ignored_networks() -> None:
     assert not f.keep(make_record(IPv6Address("2001:db8::1"), IPv6Address("2001:db8:ff::2"),
                                   6, 1, 2))
     assert f.dropped == 3
+
+
+def test_record_filter_by_zone_and_scan_agrees_with_the_slow_path() -> None:
+    import struct
+
+    from vipd.core.sync.record import (
+        CTA_ZONE,
+        RecordFilter,
+        carried,
+        encode_attr,
+        orig_raw,
+        scan,
+    )
+
+    zoned = flow(3) + encode_attr(CTA_ZONE, struct.pack("!H", 7))
+    f = RecordFilter(frozenset({6}), (), zones=frozenset({7}))
+    assert f.keep(zoned) and not f.keep(flow(3))
+    rec, key, proto, src, dst, zone = scan(zoned, 0, len(zoned))
+    assert (rec, key, (proto, src, dst), zone) == (
+        for_create(carried(zoned)), key_of(zoned), orig_raw(zoned), 7)
+    assert key_of(zoned) != key_of(flow(3))  # the zone is part of the identity

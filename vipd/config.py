@@ -111,6 +111,7 @@ class SyncConfig:
     alive_interval_ms: int = 500
     protocols: frozenset[int] = frozenset({6, 17, 1, 58, 132})
     ignore: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    zones: frozenset[int] | None = None  # conntrack zones to sync; None: all
 
     @property
     def effective_node_id(self) -> int:
@@ -414,6 +415,13 @@ def _protocols(v: object) -> frozenset[int]:
     return frozenset(PROTOCOLS[x] for x in v)
 
 
+def _zones(v: object) -> frozenset[int]:
+    if not isinstance(v, list) or not v or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 65535 for x in v):
+        raise ValueError(v)
+    return frozenset(v)
+
+
 def _networks(v: object) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
         raise ValueError(v)
@@ -502,7 +510,7 @@ def parse(data: object, source: str = "") -> Config:
     if "sync" in top:
         sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port",
                                              "key_file", "node_id", "alive_interval",
-                                             "protocols", "ignore"})
+                                             "protocols", "ignore", "zones"})
         s_if = p.get("sync", sm, "interface", _name, "is not an interface name", required=True)
         s_local = p.get("sync", sm, "local", _ip, "is not an IP address", required=True)
         peers: list[IPAddress] = []
@@ -529,11 +537,13 @@ def parse(data: object, source: str = "") -> Config:
         no_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
         ignore = p.opt("sync", sm, "ignore", _networks,
                        "is not a list of addresses or prefixes", no_networks)
+        zones = p.opt("sync", sm, "zones", _zones, "is not a list of conntrack zones "
+                      "(0 to 65535)", None)
         if s_local in peers:
             p.err("sync.peers", [str(x) for x in peers], "lists this node's own address")
         if s_if and s_local and key_file:
             sync = SyncConfig(s_if, s_local, tuple(peers), port, key_file, node_id, alive_ms,
-                              protocols, ignore)
+                              protocols, ignore, zones)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
     return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source)

@@ -59,7 +59,7 @@ HDR_LEN = NLMSG.size + NFGEN.size
 WRITE_BYTES = 64 * 1024
 
 Change = tuple[int, bytes, bytes]  # (OP_UPDATE or OP_DESTROY, key, record)
-Keep = Callable[[int, bytes, bytes], bool]  # (protocol, source, destination) -> sync it?
+Keep = Callable[[int, bytes, bytes, int], bool]  # (protocol, source, dest., zone) -> sync?
 
 
 class Overrun(Exception):
@@ -158,10 +158,11 @@ class NetlinkConntrack:
                     break
                 if (pid != own or not own) and typ in (CT_NEW, CT_DELETE):
                     try:
-                        rec, key, proto, src, dst = scan(buf, off + HDR_LEN, off + length)
+                        rec, key, proto, src, dst, zone = scan(buf, off + HDR_LEN,
+                                                               off + length)
                     except RecordError:
                         rec = b""
-                    if rec and keep(proto, src, dst):
+                    if rec and keep(proto, src, dst, zone):
                         out.append((OP_UPDATE if typ == CT_NEW else OP_DESTROY, key, rec))
                 off += (length + 3) & ~3
         return out
@@ -348,8 +349,8 @@ class FakeConntrack:
         batch, self.events = self.events[:limit], self.events[limit:]
         out: list[Change] = []
         for op, rec in batch:
-            rec2, key, proto, src, dst = scan(rec, 0, len(rec))
-            if keep(proto, src, dst):
+            rec2, key, proto, src, dst, zone = scan(rec, 0, len(rec))
+            if keep(proto, src, dst, zone):
                 out.append((op, key, rec2))
         return out
 

@@ -48,7 +48,7 @@ class SyncDriver:
         from ipaddress import ip_network
 
         own = tuple(ip_network(a) for a in (cfg.local, *cfg.peers))
-        self.filter = RecordFilter(cfg.protocols, cfg.ignore + own)
+        self.filter = RecordFilter(cfg.protocols, cfg.ignore + own, cfg.zones)
         # per-vlan-active: both nodes carry traffic, so the peers' state goes into the
         # kernel as it arrives (either node can then carry any flow), not only at takeover
         self.install_continuously = install_continuously

@@ -262,11 +262,14 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class RecordFilter:
-    """What is synced: flows of the given protocols whose original source and destination
-    are both outside the ignored networks (the sync link's own traffic, for one)."""
+    """What is synced: flows of the given protocols (and zones, when given) whose original
+    source and destination are both outside the ignored networks (the sync link's own
+    traffic, for one)."""
 
-    def __init__(self, protocols: frozenset[int], ignore: tuple[IPNetwork, ...]) -> None:
+    def __init__(self, protocols: frozenset[int], ignore: tuple[IPNetwork, ...],
+                 zones: frozenset[int] | None = None) -> None:
         self.protocols = protocols
+        self.zones = zones  # None: every zone
         self._nets = [(n.prefixlen, int(n.network_address), n.max_prefixlen) for n in ignore]
         self.dropped = 0
 
@@ -276,10 +279,15 @@ class RecordFilter:
         except RecordError:
             self.dropped += 1
             return False
-        return self.keep_fields(proto, src, dst)
+        zone = 0
+        for typ, start, stop in attrs(record):
+            if typ == CTA_ZONE and stop - start >= 2:
+                zone = struct.unpack_from("!H", record, start)[0]
+        return self.keep_fields(proto, src, dst, zone)
 
-    def keep_fields(self, proto: int, src: bytes, dst: bytes) -> bool:
-        if proto not in self.protocols or self._ignored(src) or self._ignored(dst):
+    def keep_fields(self, proto: int, src: bytes, dst: bytes, zone: int = 0) -> bool:
+        if proto not in self.protocols or self._ignored(src) or self._ignored(dst) or (
+                self.zones is not None and zone not in self.zones):
             self.dropped += 1
             return False
         return True
@@ -299,11 +307,12 @@ _STATUS_HDR = _HDR.pack(8, CTA_STATUS)
 _U32 = struct.Struct("!I")
 
 
-def scan(blob: bytes, offset: int, end: int) -> tuple[bytes, bytes, int, bytes, bytes]:
+def scan(blob: bytes, offset: int, end: int) -> tuple[bytes, bytes, int, bytes, bytes, int]:
     """One pass over a ctnetlink message's attributes, for the capture path: the record
     (carried attributes, status in create form), its key, and the original tuple's
-    protocol, source and destination (packed) for the filter. Equal to `for_create(carried
-    (...))`, `key_of` and `orig_raw` together, in a third of the time."""
+    protocol, source and destination (packed) and the zone for the filter. Equal to
+    `for_create(carried(...))`, `key_of` and `orig_raw` together, in a third of the
+    time."""
     parts = []
     tup = zone = src = dst = b""
     proto = 0
@@ -330,7 +339,8 @@ def scan(blob: bytes, offset: int, end: int) -> tuple[bytes, bytes, int, bytes, 
         off = nxt
     if not tup:
         raise RecordError("no original tuple")
-    return b"".join(parts), tup + zone, proto, src, dst
+    zone_id = int.from_bytes(zone[:2], "big") if len(zone) >= 2 else 0
+    return b"".join(parts), tup + zone, proto, src, dst, zone_id
 
 
 def _orig_fields(blob: bytes, start: int, stop: int) -> tuple[int, bytes, bytes]:
