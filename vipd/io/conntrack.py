@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import os
 import socket
 import struct
@@ -53,6 +54,9 @@ NLM_F_DUMP = 0x300
 NLMSG_ERROR = 2
 NLMSG_DONE = 3
 SO_RCVBUFFORCE = 33
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 NLMSG = struct.Struct("=IHHII")
 NFGEN = struct.Struct("=BBH")
 HDR_LEN = NLMSG.size + NFGEN.size
@@ -81,6 +85,8 @@ class Conntrack(Protocol):
     async def dump(self) -> list[bytes]: ...
     async def commit(self, records: Iterable[bytes]) -> CommitResult: ...
     async def delete(self, records: Iterable[bytes]) -> int: ...
+    def suspend_events(self) -> None: ...
+    def resume_events(self) -> None: ...
     def close(self) -> None: ...
 
 
@@ -167,6 +173,19 @@ class NetlinkConntrack:
                 off += (length + 3) & ~3
         return out
 
+    def suspend_events(self) -> None:
+        """Leave the event groups: with no listener the kernel builds no event for each
+        entry a commit creates (100,000 entries: 0.27 s instead of 0.61 s here). Whatever
+        happens meanwhile must be found by a dump after `resume_events`."""
+        if self._ev is not None:
+            for group in (1, 2, 3):
+                self._ev.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, group)
+
+    def resume_events(self) -> None:
+        if self._ev is not None:
+            for group in (1, 2, 3):
+                self._ev.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+
     def _next_seq(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         return self._seq
@@ -207,6 +226,20 @@ class NetlinkConntrack:
         t0 = time.perf_counter()
         recs = records if isinstance(records, list) else list(records)
         create = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+        # The cyclic collector would walk the whole heap (the sync caches) many times over
+        # while a large commit allocates its messages; they hold no cycles.
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            await self._commit(recs, create, res)
+        finally:
+            if was_enabled:
+                gc.enable()
+        res.created = len(recs) - res.existed - res.failed
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    async def _commit(self, recs: list[bytes], create: int, res: CommitResult) -> None:
         async with self._lock:
             failures = await self._batch([(CT_NEW, create, r) for r in recs])
             existing = [recs[i] for i, err in failures if err == errno.EEXIST]
@@ -218,9 +251,6 @@ class NetlinkConntrack:
                 again = await self._batch(msgs)
                 self._count(res, [err for i, err in again if i % 2 == 1])
                 res.existed = len(existing)
-        res.created = len(recs) - res.existed - res.failed
-        res.seconds = time.perf_counter() - t0
-        return res
 
     async def delete(self, records: Iterable[bytes]) -> int:
         """Delete the entries (those already gone are fine); returns how many failed
@@ -337,6 +367,7 @@ class FakeConntrack:
     events: list[tuple[int, bytes]] = field(default_factory=list)  # (op, record)
     overrun_next: bool = False
     commits: list[int] = field(default_factory=list)
+    suspended: int = 0
 
     def fileno(self) -> int:
         return -1
@@ -375,6 +406,12 @@ class FakeConntrack:
         for rec in records:
             self.table.pop(key_of(rec), None)
         return 0
+
+    def suspend_events(self) -> None:
+        self.suspended += 1
+
+    def resume_events(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

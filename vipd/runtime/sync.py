@@ -28,6 +28,7 @@ from vipd.io.hold import Hold, HoldResult
 from vipd.io.sync_link import SyncLink
 
 log = logging.getLogger("vipd.sync")
+QUIET_COMMIT = 1000  # commits this large run with the event subscription suspended
 
 
 class SyncDriver:
@@ -200,9 +201,16 @@ class SyncDriver:
         if held:
             assert self.hold is not None
             await self.hold.start()
+        # No events while we commit (the kernel would build one per entry we create, and
+        # we would only skip them); what others did meanwhile is found by a dump after.
+        quiet = len(records) >= QUIET_COMMIT
+        if quiet:
+            self.ct.suspend_events()
         try:
             res = await self.ct.commit(records)
         finally:
+            if quiet:
+                self.ct.resume_events()
             if held:
                 assert self.hold is not None
                 self.last_hold = await self.hold.release()
@@ -213,6 +221,8 @@ class SyncDriver:
         # an established flow causes no further event).
         self.session.local(self.now(), [(OP_UPDATE, r) for r in records])
         self._after()
+        if quiet:
+            asyncio.ensure_future(self._resync_table())
         log.info("sync: committed %d peer flows in %.0f ms (%d new, %d already there, "
                  "%d failed)", len(records), res.seconds * 1000, res.created, res.existed,
                  res.failed)
