@@ -55,6 +55,9 @@ from scenario import (  # noqa: E402
 )
 
 SERVER = "198.51.100.100"
+# conntrackd runs at SCHED_RR 99 by default; vipd gets a real-time priority too
+# (node.realtime_priority), so neither waits behind the flow generator
+RT_PRIORITY = 50
 
 CONNTRACKD = """
 Sync {{
@@ -147,6 +150,7 @@ def run_vipd(n: int) -> dict[str, Any]:
         for r, prio in (("r1", 200), ("r2", 100)):
             cfg = vipd_config(lab, r, prio, 100, mode="single-active")
             cfg["sync"] = sync_section(lab, r)
+            cfg["node"]["realtime_priority"] = RT_PRIORITY
             sp[r] = start_vipd(lab, r, cfg)
             if r == "r1":
                 wait_for(lambda: holder(lab, "lanA") == ["r1"], 10, what="r1 master")
@@ -171,6 +175,8 @@ def run_vipd(n: int) -> dict[str, Any]:
         res["cpu_us_receiver"] = round((cpu_s(sp["r2"].proc.pid) - c2) / n * 1e6, 1)
         res["rss_mib_sender"] = rss_mib(sp["r1"].proc.pid)
         res["rss_mib_receiver"] = rss_mib(sp["r2"].proc.pid)
+        res["sender_peer_counters"] = vipd_sync(sp["r1"])["peers"][0]["counters"]
+        res["receiver_peer_counters"] = vipd_sync(sp["r2"])["peers"][0]["counters"]
         lab.cut("r1")
         wait_for(lambda: (sync_status(lab, sp["r2"]).get("last_commit") or {}).get(
             "entries", 0) >= n, 30, what="r2's takeover commit")

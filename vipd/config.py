@@ -57,6 +57,9 @@ class NodeConfig:
     name: str
     control_socket: str = DEFAULT_CONTROL_SOCKET
     control_socket_mode: int = 0o600
+    # SCHED_RR priority for the daemon (0: the normal scheduler), as keepalived's
+    # vrrp_rt_priority and conntrackd's Scheduler: timers and sync keep up under load
+    realtime_priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -456,7 +459,8 @@ def parse(data: object, source: str = "") -> Config:
     p = _Parser()
     top = p.mapping("", data, {"node", "mode", "vlans", "sync"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
-                                                        "control_socket_mode"})
+                                                        "control_socket_mode",
+                                                        "realtime_priority"})
     node = NodeConfig(
         name=p.get("node", node_raw, "name", _label, "is not a node name", "vipd",
                    required=True) or "vipd",
@@ -464,6 +468,8 @@ def parse(data: object, source: str = "") -> Config:
                              "is not an absolute path", DEFAULT_CONTROL_SOCKET),
         control_socket_mode=p.opt("node", node_raw, "control_socket_mode", _int_in(0, 0o777),
                                   "is not a file mode (0..0o777)", 0o600),
+        realtime_priority=p.opt("node", node_raw, "realtime_priority", _int_in(0, 99),
+                                "is not a SCHED_RR priority (0..99)", 0),
     )
     mode = p.get("", top, "mode", lambda v: Mode(v),
                  "is not single-active, per-vlan-active or all-active", Mode.SINGLE_ACTIVE)

@@ -37,11 +37,22 @@ def run(config_path: str, *, control_socket: str | None = None, verbose: bool = 
         prof.dump_stats(profile)
 
 
+def _realtime(priority: int) -> None:
+    if priority <= 0:
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+        log.info("running at SCHED_RR priority %d", priority)
+    except OSError as exc:
+        log.warning("cannot run at SCHED_RR priority %d: %s", priority, exc)
+
+
 async def _main(cfg: Config, config_path: str, control_socket: str | None) -> int:
     from vipd.io.announce import LinuxAnnouncer
     from vipd.io.rtnl import PyrouteRtnl
     from vipd.io.vrrp_socket import VrrpSocket
 
+    _realtime(cfg.node.realtime_priority)
     daemon = Daemon(cfg, rtnl=PyrouteRtnl(), open_socket=VrrpSocket,
                     announcer=LinuxAnnouncer(), control_socket=control_socket,
                     config_path=config_path)

@@ -29,6 +29,7 @@ from vipd.io.sync_link import SyncLink
 
 log = logging.getLogger("vipd.sync")
 QUIET_COMMIT = 1000  # commits this large run with the event subscription suspended
+COALESCE_S = 0.003
 
 
 class SyncDriver:
@@ -78,16 +79,30 @@ class SyncDriver:
         for fd, cb in ((self.ct.fileno(), self._on_conntrack),
                        (self.link.fileno(), self._on_link)):
             if fd >= 0:
-                self._loop.add_reader(fd, cb)
+                self._loop.add_reader(fd, self._coalesced, fd, cb)
                 self._readers.append(fd)
         log.info("sync: node id %d, %d flows of ours, peers %s", self.session.node_id,
                  len(self.session.internal), ", ".join(str(p) for p in self.cfg.peers))
         self._after()
 
+    def _coalesced(self, fd: int, read: Callable[[], None]) -> None:
+        """A socket became readable: read it COALESCE_S later, so a burst of flows costs
+        one wake-up and full datagrams per few milliseconds, not one of each per event."""
+        self._loop.remove_reader(fd)
+
+        def later() -> None:
+            try:
+                read()
+            finally:
+                if fd in self._readers:
+                    self._loop.add_reader(fd, self._coalesced, fd, read)
+
+        self._loop.call_later(COALESCE_S, later)
+
     def close(self) -> None:
         for fd in self._readers:
             self._loop.remove_reader(fd)
-        self._readers.clear()
+        self._readers.clear()  # a coalesced read still pending finds itself closed
         if self._timer is not None:
             self._timer.cancel()
         self.ct.close()
