@@ -240,3 +240,55 @@ def test_adverts_still_heard_when_only_the_sync_link_is_lost_keep_the_master(
         assert r.master_down_timer == r.master_heard_at + r.master_down_interval  # type: ignore[operator]
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_a_master_losing_its_link_tells_the_peer_at_once(tmp_path: Path) -> None:
+    from vipd.io.rtnl import LinkInfo
+
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        slot = next(iter(d.slots.values()))
+        assert slot.router.state.value == "MASTER"  # nobody else advertises
+        w.link.sent.clear()
+        w.rtnl.set_link(LinkInfo(7, "lanA", False, "02:00:00:00:00:11"))
+        await settle()
+        assert slot.router.state.value == "FAULT"
+        assert w.link.sent, "an ALIVE goes out at once"
+        for _to, data in w.link.sent:
+            w.peer.datagram(d.now(), LOCAL, data)
+        assert w.peer.peers[LOCAL].released == {slot.wire_id}
+        assert d.sync.handoffs_told == 1
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_a_peer_releasing_its_master_makes_our_backup_take_over_at_once(
+        tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        w.deliver(d, advert(200))  # the peer is master
+        slot = next(iter(d.slots.values()))
+        r = slot.router
+        assert r.state.value == "BACKUP"
+        normal = r.master_down_timer
+        # its link went down: it says so on the sync link
+        w.peer.alive_payload = alive_payload([PEER], [slot.wire_id])
+        w.peer.alive_now()
+        for _to, data in w.peer.pop_datagrams():
+            w.link.inbox.append((PEER_SYNC, data))
+        d.sync._on_link()
+        assert r.master_down_timer is not None and normal is not None
+        assert r.master_down_timer <= d.now() < normal  # a pair: at once
+        fire(w, d)
+        assert r.state.value == "MASTER" and w.t < float(normal)
+        assert d.sync.handoffs_heard == 1
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]

@@ -85,6 +85,12 @@ class CommitFlows:
 
 
 @dataclass(frozen=True, slots=True)
+class TellPeers:
+    """A master of ours went to FAULT: tell the peers over the sync link now, so the best
+    backup takes over without waiting for Master_Down_Interval (`released()`)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A router changed state (for logs, notify hooks, metrics)."""
 
@@ -94,7 +100,7 @@ class Transition:
     cause: str
 
 
-NodeAction = Send | SetVips | RepairVips | AnnounceVips | CommitFlows | Transition
+NodeAction = Send | SetVips | RepairVips | AnnounceVips | CommitFlows | TellPeers | Transition
 SYNC_DRAIN = "bulk sync"
 
 
@@ -141,6 +147,13 @@ class Slot:
     @property
     def vips(self) -> tuple[IPInterface, ...]:
         return self.spec.vips
+
+    @property
+    def wire_id(self) -> bytes:
+        """The virtual router's name between nodes: VRID, family and first address (the
+        same on every node of the cluster, whatever the interfaces are called)."""
+        c = self.router.config
+        return bytes([c.vrid, c.family]) + c.addresses[0].packed
 
 
 def make_slot(spec: RouterSpec) -> Slot:
@@ -222,6 +235,8 @@ class Node:
         # deadline names the bucket
         self._heap: list[tuple[float, Fraction, bool]] = []
         self._by_vip: dict[IPAddress, Slot] = {}
+        self._by_wire: dict[bytes, Slot] = {}
+        self._faulted: dict[bytes, Slot] = {}  # our routers in FAULT, by wire id
         self._install(make_slot(s) for s in specs)
 
     # ------------------------------------------------------------ queries
@@ -434,6 +449,25 @@ class Node:
                 n += 1
         return n
 
+    def released(self) -> list[bytes]:
+        """Wire ids of our routers in FAULT: what a peer's backups need not wait for."""
+        return list(self._faulted)
+
+    def peer_released(self, now: Fraction, ids: Iterable[bytes],
+                      addresses: Iterable[IPAddress], immediate: bool) -> int:
+        """A peer (its VLAN addresses given) says these routers of its are in FAULT: our
+        backups following it there take over (VirtualRouter.master_released). O(ids)."""
+        theirs = set(addresses)
+        n = 0
+        for wid in ids:
+            slot = self._by_wire.get(wid)
+            if slot is None or slot.router.master_address not in theirs:
+                continue
+            if slot.router.master_released(now, immediate):
+                self._schedule(slot, now)
+                n += 1
+        return n
+
     def own_addresses(self) -> list[IPAddress]:
         """This node's addresses on its VLANs (the primaries its adverts come from)."""
         return [a for link in self.links.values() for a in link.primary.values()
@@ -513,6 +547,8 @@ class Node:
         self.mode = plan.mode
         old_links, self.slots, self.links = self.links, {}, {}
         self._install(plan.slots.values(), old_links)
+        self._faulted = {s.wire_id: s for s in self.slots.values()
+                         if s.router.state is State.FAULT}
         self.policy = GroupPolicy(self.mode, (k for k, s in self.slots.items()
                                               if s.router.state is State.FAULT))
         if self.policy.active != was_active:
@@ -531,6 +567,7 @@ class Node:
             link.slots[slot.key] = slot
             slot.router.primary_address = link.primary[slot.router.config.family]
         self._by_vip = {v.ip: s for s in self.slots.values() if not s.owner for v in s.vips}
+        self._by_wire = {s.wire_id: s for s in self.slots.values()}
 
     def _all_slots(self) -> Iterator[Slot]:
         yield from self.slots.values()
@@ -585,6 +622,12 @@ class Node:
                 transitioned = True
                 if current:
                     self.policy.note(key, act.old, act.new)
+                    if act.new == State.FAULT.value:
+                        self._faulted[slot.wire_id] = slot
+                        if act.old == State.MASTER.value:
+                            out.append(TellPeers())
+                    elif act.old == State.FAULT.value:
+                        self._faulted.pop(slot.wire_id, None)
                 out.append(Transition(key, act.old, act.new, act.cause))
         self._schedule(slot, now)
         if not transitioned or not current or self.stopping:

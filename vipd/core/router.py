@@ -376,6 +376,20 @@ class VirtualRouter:
         self.counters.fast_takeovers_armed += 1
         return True
 
+    def master_released(self, now: Seconds, immediate: bool) -> bool:
+        """The master's node said over the sync link that it can no longer serve this
+        virtual router (its link went down): as a priority 0 advert would (RFC 9568 6.4.2),
+        take over after Skew_Time, or at once when no other backup can exist (`immediate`:
+        a pair). True if the Master_Down_Timer moved."""
+        if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
+            return False
+        at = now if immediate else now + self.skew_time
+        if at >= self._timers.master_down:
+            return False
+        self._timers.master_down = at
+        self.counters.fast_takeovers_armed += 1
+        return True
+
     def set_link(self, now: Seconds, up: bool) -> list[Action]:
         """Interface carrier/admin state from netlink."""
         acts: list[Action] = []

@@ -163,6 +163,7 @@ class Daemon:
                                pump=self.pump, hold=hold,
                                install_continuously=self.cfg.mode.value == "per-vlan-active")
         self.executor.commit_flows = self.sync.commit
+        self.executor.tell_peers = self.sync.tell_peers
         await self.sync.start()
 
     async def run_until_stopped(self) -> None:

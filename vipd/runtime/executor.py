@@ -25,6 +25,7 @@ from vipd.core.node import (
     Send,
     SetVips,
     Slot,
+    TellPeers,
     Transition,
 )
 from vipd.runtime.links import Links
@@ -40,6 +41,7 @@ class Executor:
         self.node = node
         # the sync driver's commit, once sync runs (vipd.runtime.sync)
         self.commit_flows: Callable[[], Awaitable[object]] | None = None
+        self.tell_peers: Callable[[], None] | None = None
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -83,6 +85,9 @@ class Executor:
             self._queue.append((None, "commit"))  # in order: before the VIPs behind it
             if self._flush is None:
                 self._flush = asyncio.ensure_future(self._run_queue())
+        elif isinstance(act, TellPeers):
+            if self.tell_peers is not None:
+                self.tell_peers()
         elif isinstance(act, Transition):
             pass  # logged by the router; notify hooks: TODO(#12)
 

@@ -62,6 +62,9 @@ class SyncDriver:
         self.hold_threshold = hold_threshold
         self.last_hold: HoldResult | None = None
         self._peer_up: dict[object, bool] = {}
+        self._peer_released: dict[object, frozenset[bytes]] = {}
+        self.handoffs_told = 0
+        self.handoffs_heard = 0
         self.ready_latched = False
         self.last_commit: CommitResult | None = None
         self.commits = 0
@@ -133,6 +136,7 @@ class SyncDriver:
         now = self.now()
         for addr, data in self.link.recv_all():
             self.session.datagram(now, addr, data)
+        self._released_by_peers(now)
         if self.session.applied and self._installing is None:
             self._installing = asyncio.ensure_future(self._install())
         self._after()
@@ -161,10 +165,37 @@ class SyncDriver:
     def _on_timer(self) -> None:
         self._timer = self._timer_at = None
         now = self.now()
-        self.session.alive_payload = alive_payload(self.node.own_addresses())
+        self._refresh_payload()
         self.session.handle_timer(now)
         self._check_peers(now)
         self._after()
+
+    def _refresh_payload(self) -> None:
+        self.session.alive_payload = alive_payload(self.node.own_addresses(),
+                                                   self.node.released())
+
+    def tell_peers(self) -> None:
+        """A master of ours went to FAULT: say so now (node action TellPeers)."""
+        self._refresh_payload()
+        self.session.alive_now()
+        self.handoffs_told += 1
+        self._send_out()  # (not _after: this runs while the daemon carries out actions)
+
+    def _released_by_peers(self, now: Fraction) -> None:
+        """Routers a peer newly reports in FAULT: our backups following it there take
+        over (at once in a pair; after Skew_Time when more backups may exist)."""
+        alone = len(self.session.peers) == 1
+        for p in self.session.peers.values():
+            before = self._peer_released.get(p.addr, frozenset())
+            if p.released == before:
+                continue
+            self._peer_released[p.addr] = p.released
+            new = p.released - before
+            if new and self.node.peer_released(now, new, p.addresses, alone):
+                self.handoffs_heard += 1
+                log.warning("sync: peer %s released %d virtual routers (link lost): "
+                            "taking over", p.addr, len(new))
+                self.pump()
 
     def _check_peers(self, now: Fraction) -> None:
         """A peer silent on the sync link: if its adverts stop too, its node is gone and
@@ -185,11 +216,7 @@ class SyncDriver:
         """After every event: send what the session asks, follow readiness, re-arm."""
         now = self.now()
         self.session.flush(now)
-        for to, data in self.session.pop_datagrams():
-            try:
-                self.link.send(to, data)  # type: ignore[arg-type]
-            except OSError:
-                self.send_errors += 1  # the peer's problem shows as unreachable
+        self._send_out()
         if not self.ready_latched and self.session.ready(now):
             # latched: a peer restarting later must not drain a running master
             self.ready_latched = True
@@ -207,6 +234,13 @@ class SyncDriver:
             self._timer.cancel()
         self._timer_at = max(when, self._loop.time())
         self._timer = self._loop.call_at(self._timer_at, self._on_timer)
+
+    def _send_out(self) -> None:
+        for to, data in self.session.pop_datagrams():
+            try:
+                self.link.send(to, data)  # type: ignore[arg-type]
+            except OSError:
+                self.send_errors += 1  # the peer's problem shows as unreachable
 
     # ------------------------------------------------------------ commit
 
@@ -257,6 +291,8 @@ class SyncDriver:
             "existed": c.existed, "failed": c.failed, "duration_ms": round(c.seconds * 1000, 1),
             "errors": {str(k): v for k, v in c.errors.items()}}
         st["commits"] = self.commits
+        st["handoffs_told"] = self.handoffs_told
+        st["handoffs_heard"] = self.handoffs_heard
         h = self.last_hold
         st["last_hold"] = None if h is None else {
             "available": h.available, "held": h.held, "passed_over_limit": h.passed_over_limit,

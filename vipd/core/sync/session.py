@@ -53,22 +53,41 @@ Addr = Hashable
 IPAddress = IPv4Address | IPv6Address
 
 
-def alive_payload(addresses: Iterable[IPAddress]) -> bytes:
-    """Addresses as `family (1) | packed`, for ALIVE messages."""
-    return b"".join(bytes([a.version]) + a.packed for a in addresses)
+def alive_payload(addresses: Iterable[IPAddress], released: Iterable[bytes] = ()) -> bytes:
+    """What an ALIVE carries, as sections `tag (1) | length (2) | data`: 1, this node's
+    VLAN addresses (`family (1) | packed` each); 2, its virtual routers in FAULT (wire ids,
+    `length (1) | id` each). Unknown tags are skipped by readers."""
+    addrs = b"".join(bytes([a.version]) + a.packed for a in addresses)
+    rel = b"".join(bytes([len(r)]) + r for r in released)
+    return (b"\x01" + len(addrs).to_bytes(2, "big") + addrs
+            + b"\x02" + len(rel).to_bytes(2, "big") + rel)
 
 
-def _addresses(payload: bytes) -> frozenset[IPAddress]:
-    out: set[IPAddress] = set()
+def parse_alive(payload: bytes) -> tuple[frozenset[IPAddress], frozenset[bytes]]:
+    addrs: set[IPAddress] = set()
+    released: set[bytes] = set()
     off = 0
-    while off < len(payload):
-        n = 4 if payload[off] == 4 else 16
-        raw = payload[off + 1:off + 1 + n]
-        if len(raw) != n:
-            break
-        out.add(IPv4Address(raw) if n == 4 else IPv6Address(raw))
-        off += 1 + n
-    return frozenset(out)
+    while off + 3 <= len(payload):
+        tag, n = payload[off], int.from_bytes(payload[off + 1:off + 3], "big")
+        data = payload[off + 3:off + 3 + n]
+        off += 3 + n
+        i = 0
+        while i < len(data):
+            if tag == 1:
+                size = 4 if data[i] == 4 else 16
+                raw = data[i + 1:i + 1 + size]
+                if len(raw) == size:
+                    addrs.add(IPv4Address(raw) if size == 4 else IPv6Address(raw))
+                i += 1 + size
+            elif tag == 2:
+                size = data[i]
+                released.add(data[i + 1:i + 1 + size])
+                i += 1 + size
+            else:
+                break
+    return frozenset(addrs), frozenset(released)
+
+
 REORDER_MAX = 4096  # datagrams held while a gap is open
 RESYNC_BURST = 128  # datagrams of a bulk resync per timer tick
 
@@ -110,6 +129,7 @@ class Peer:
     last_rtt: Fraction | None = None
     alive_payload: bytes = b""
     addresses: frozenset[IPAddress] = frozenset()  # its VLAN addresses, from its ALIVE
+    released: frozenset[bytes] = frozenset()  # its virtual routers in FAULT, from its ALIVE
     stats: Counter[str] = field(default_factory=Counter)
 
 
@@ -312,6 +332,12 @@ class SyncSession:
             for p in self.peers.values():
                 self._emit(p, ALIVE, 0, 0, p.out_seq, self.alive_payload)
 
+    def alive_now(self) -> None:
+        """Send an ALIVE to every peer at once (something in it changed that they must
+        know now: a master of ours went to FAULT)."""
+        for p in self.peers.values():
+            self._emit(p, ALIVE, 0, 0, p.out_seq, self.alive_payload)
+
     def _resend(self, p: Peer, seq: int, flags: int, count: int, payload: bytes) -> None:
         self._emit(p, DATA, flags, count, seq, payload)
         p.stats["retransmissions"] += 1
@@ -355,7 +381,7 @@ class SyncSession:
         elif msg.type == ALIVE:
             if msg.payload != p.alive_payload:
                 p.alive_payload = msg.payload
-                p.addresses = _addresses(msg.payload)
+                p.addresses, p.released = parse_alive(msg.payload)
             if msg.seq >= p.expected:  # we missed its newest: ask again
                 p.nacks.append((p.expected, msg.seq))
                 p.ack_due = True
