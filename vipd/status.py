@@ -110,6 +110,7 @@ def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
         "priority_zero_received": r.counters.priority_zero_received,
         "io_failures": r.counters.io_failures,
         "dual_master_episodes": r.counters.dual_master_episodes,
+        "fast_takeovers_armed": r.counters.fast_takeovers_armed,
         "dual_master": r.dual_master_recent(now_s),
         "drops": {k.value: n for k, n in sorted(v.drops.items(), key=lambda kv: kv[0].value)
                   if n},

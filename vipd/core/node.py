@@ -86,8 +86,9 @@ class CommitFlows:
 
 @dataclass(frozen=True, slots=True)
 class TellPeers:
-    """A master of ours went to FAULT: tell the peers over the sync link now, so the best
-    backup takes over without waiting for Master_Down_Interval (`released()`)."""
+    """A master of ours stopped serving (FAULT, or drained by a group fault or maintenance):
+    tell the peers over the sync link now, so the best backup takes over without waiting
+    for Master_Down_Interval or Skew_Time (`released()`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +237,7 @@ class Node:
         self._heap: list[tuple[float, Fraction, bool]] = []
         self._by_vip: dict[IPAddress, Slot] = {}
         self._by_wire: dict[bytes, Slot] = {}
-        self._faulted: dict[bytes, Slot] = {}  # our routers in FAULT, by wire id
+        self._released: dict[bytes, Slot] = {}  # our routers not serving, by wire id
         self._install(make_slot(s) for s in specs)
 
     # ------------------------------------------------------------ queries
@@ -450,8 +451,9 @@ class Node:
         return n
 
     def released(self) -> list[bytes]:
-        """Wire ids of our routers in FAULT: what a peer's backups need not wait for."""
-        return list(self._faulted)
+        """Wire ids of our routers that will not serve (FAULT or drained): what a peer's
+        backups need not wait for."""
+        return list(self._released)
 
     def peer_released(self, now: Fraction, ids: Iterable[bytes],
                       addresses: Iterable[IPAddress], immediate: bool) -> int:
@@ -547,8 +549,8 @@ class Node:
         self.mode = plan.mode
         old_links, self.slots, self.links = self.links, {}, {}
         self._install(plan.slots.values(), old_links)
-        self._faulted = {s.wire_id: s for s in self.slots.values()
-                         if s.router.state is State.FAULT}
+        self._released = {s.wire_id: s for s in self.slots.values()
+                          if s.router.state is State.FAULT or s.router.drains}
         self.policy = GroupPolicy(self.mode, (k for k, s in self.slots.items()
                                               if s.router.state is State.FAULT))
         if self.policy.active != was_active:
@@ -622,12 +624,7 @@ class Node:
                 transitioned = True
                 if current:
                     self.policy.note(key, act.old, act.new)
-                    if act.new == State.FAULT.value:
-                        self._faulted[slot.wire_id] = slot
-                        if act.old == State.MASTER.value:
-                            out.append(TellPeers())
-                    elif act.old == State.FAULT.value:
-                        self._faulted.pop(slot.wire_id, None)
+                    self._note_released(slot, act.old, act.new)
                 out.append(Transition(key, act.old, act.new, act.cause))
         self._schedule(slot, now)
         if not transitioned or not current or self.stopping:
@@ -638,6 +635,18 @@ class Node:
                 (GROUP_FAULT in slot.router.drains) != self.policy.active:
             self.stats.router_calls += 1
             work.append((slot, slot.router.set_drain(now, GROUP_FAULT, self.policy.active)))
+
+    def _note_released(self, slot: Slot, old: str, new: str) -> None:
+        """Keep the set of our routers that will not serve (FAULT, or drained: a group
+        fault, maintenance); when a master joins it, the peers are told at once."""
+        serving = new == State.MASTER.value or (new == State.BACKUP.value
+                                                and not slot.router.drains)
+        if serving:
+            self._released.pop(slot.wire_id, None)
+            return
+        self._released[slot.wire_id] = slot
+        if old == State.MASTER.value:
+            self._actions.append(TellPeers())
 
     def _ask_install(self, slot: Slot) -> None:
         slot.installing = True

@@ -377,8 +377,9 @@ class VirtualRouter:
         return True
 
     def master_released(self, now: Seconds, immediate: bool) -> bool:
-        """The master's node said over the sync link that it can no longer serve this
-        virtual router (its link went down): as a priority 0 advert would (RFC 9568 6.4.2),
+        """The master's node said over the sync link that it no longer serves this virtual
+        router (its link went down, or it drained): as a priority 0 advert would (RFC 9568
+        6.4.2),
         take over after Skew_Time, or at once when no other backup can exist (`immediate`:
         a pair). True if the Master_Down_Timer moved."""
         if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
