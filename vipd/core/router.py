@@ -342,12 +342,16 @@ class VirtualRouter:
         back the same object), alone on the link. Does exactly what `receive` would (count,
         note the peer, push Master_Down_Timer later) and returns True; returns False,
         changing nothing, whenever anything else could happen (then call `receive`)."""
+        src = adv.src
         if (self.state is not State.BACKUP or self.drains or self._timers.release is not None
                 or adv is not self._last_followed or len(self.peers) != 1
-                or self._other_claim is not None or self.master_address != adv.src
-                or self._last_claim is None or self._last_claim[0] != adv.src):
+                or self._other_claim is not None or self._last_claim is None):
             return False
-        peer = self.peers.get(adv.src)
+        # (the same advert object: its address object is the one learned; `is` first)
+        master, claimed = self.master_address, self._last_claim[0]
+        if (master is not src and master != src) or (claimed is not src and claimed != src):
+            return False
+        peer = self.peers.get(src)
         if peer is None:
             return False
         self.counters.adverts_received += 1
@@ -355,7 +359,7 @@ class VirtualRouter:
             self.counters.ipv6_not_link_local += 1
         peer.last_heard = now
         peer.adverts += 1
-        self._last_claim = (adv.src, now)
+        self._last_claim = (src, now)
         self.master_heard_at = now
         self._timers.master_down = now + self.master_down_interval
         return True
