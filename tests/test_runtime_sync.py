@@ -29,7 +29,8 @@ def flow(i: int) -> bytes:
 
 
 class SyncWorld(World):
-    def __init__(self, tmp: Path, mode: str = "single-active", alive: str = "100ms") -> None:
+    def __init__(self, tmp: Path, mode: str = "single-active", alive: str = "100ms",
+                 extra: str = "") -> None:
         super().__init__(tmp)
         key = tmp / "sync.key"
         key.write_bytes(KEY)
@@ -37,7 +38,7 @@ class SyncWorld(World):
         self.cfg = loads(CONFIG.replace("SOCK", self.sock_path).replace(
             "mode: per-vlan-active", f"mode: {mode}") + (
             f"sync: {{interface: sync0, local: {LOCAL}, peers: [{PEER_SYNC}], "
-            f"key_file: {key}, alive_interval: {alive}}}\n"))
+            f"key_file: {key}, alive_interval: {alive}{extra}}}\n"))
         self.ct = FakeConntrack()
         self.ct.table = {b"mine": flow(9999)}
         self.link = FakeSyncLink()
@@ -290,5 +291,66 @@ def test_a_peer_releasing_its_master_makes_our_backup_take_over_at_once(
         fire(w, d)
         assert r.state.value == "MASTER" and w.t < float(normal)
         assert d.sync.handoffs_heard == 1
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def peer_says(w: SyncWorld, d: Daemon, wid: bytes, view: bytes) -> None:
+    w.peer.set_view(d.now(), wid, view)
+    w.peer.flush(d.now())
+    for _to, data in w.peer.pop_datagrams():
+        w.link.inbox.append((PEER_SYNC, data))
+    assert d.sync is not None
+    d.sync._on_link()
+
+
+def test_split_brain_seen_over_the_sync_link_raises_the_alarm(tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        slot = next(iter(d.slots.values()))
+        assert slot.router.state.value == "MASTER"  # its adverts do not reach the peer
+        assert d.sync.session.own_view[slot.wire_id][0] == 2  # our view went out
+        peer_says(w, d, slot.wire_id, bytes([2, 150, 1]))  # the peer is master too
+        st = d.status()
+        inst = st["instances"][0]
+        assert inst["split_brain_seen"] == 1 and inst["dual_master"]
+        assert any("two masters" in p for p in st["problems"]) and not st["healthy"]
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_hold_policy_keeps_a_backup_whose_master_lives_on_the_sync_link(
+        tmp_path: Path) -> None:
+    w = SyncWorld(tmp_path, alive="20ms", extra=", on_vlan_silent: hold")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        w.deliver(d, advert(200))
+        slot = next(iter(d.slots.values()))
+        r = slot.router
+        assert r.state.value == "BACKUP"
+        peer_says(w, d, slot.wire_id, bytes([2, 200, 1]))  # master, and on the VLAN
+        # its adverts stop reaching us; it stays alive on the sync link
+        for _ in range(40):
+            w.exchange(d, 1)
+            run_due(w, d)
+        assert r.state.value == "BACKUP" and r.counters.vlan_silent_held >= 1
+        st = d.status()
+        assert any("silent on this VLAN but alive on the sync link" in p
+                   for p in st["problems"])
+        # the peer says it lost the VLAN: now we take over
+        peer_says(w, d, slot.wire_id, bytes([3, 0, 0]))
+        for _ in range(40):
+            w.exchange(d, 1)
+            run_due(w, d)
+            if r.state.value == "MASTER":
+                break
+        assert r.state.value == "MASTER"
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]

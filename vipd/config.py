@@ -115,6 +115,9 @@ class SyncConfig:
     protocols: frozenset[int] = frozenset({6, 17, 1, 58, 132})
     ignore: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     zones: frozenset[int] | None = None  # conntrack zones to sync; None: all
+    # a backup whose master is silent on a VLAN but alive on the sync link: "takeover"
+    # (RFC 9568, and an alarm) or "hold" (stay backup, report the broken VLAN)
+    on_vlan_silent: str = "takeover"
 
     @property
     def effective_node_id(self) -> int:
@@ -516,7 +519,8 @@ def parse(data: object, source: str = "") -> Config:
     if "sync" in top:
         sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port",
                                              "key_file", "node_id", "alive_interval",
-                                             "protocols", "ignore", "zones"})
+                                             "protocols", "ignore", "zones",
+                                             "on_vlan_silent"})
         s_if = p.get("sync", sm, "interface", _name, "is not an interface name", required=True)
         s_local = p.get("sync", sm, "local", _ip, "is not an IP address", required=True)
         peers: list[IPAddress] = []
@@ -545,11 +549,13 @@ def parse(data: object, source: str = "") -> Config:
                        "is not a list of addresses or prefixes", no_networks)
         zones = p.opt("sync", sm, "zones", _zones, "is not a list of conntrack zones "
                       "(0 to 65535)", None)
+        on_silent = p.opt("sync", sm, "on_vlan_silent", _one_of("takeover", "hold"),
+                          "is not takeover or hold", "takeover")
         if s_local in peers:
             p.err("sync.peers", [str(x) for x in peers], "lists this node's own address")
         if s_if and s_local and key_file:
             sync = SyncConfig(s_if, s_local, tuple(peers), port, key_file, node_id, alive_ms,
-                              protocols, ignore, zones)
+                              protocols, ignore, zones, on_silent)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
     return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source)

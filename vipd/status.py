@@ -111,6 +111,9 @@ def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
         "io_failures": r.counters.io_failures,
         "dual_master_episodes": r.counters.dual_master_episodes,
         "fast_takeovers_armed": r.counters.fast_takeovers_armed,
+        "split_brain_seen": r.counters.split_brain_seen,
+        "vlan_silent_held": r.counters.vlan_silent_held,
+        "vlan_silent_ago_s": _age(now, r.vlan_silent_since),
         "dual_master": r.dual_master_recent(now_s),
         "drops": {k.value: n for k, n in sorted(v.drops.items(), key=lambda kv: kv[0].value)
                   if n},
@@ -128,6 +131,9 @@ def router_problems(i: dict[str, Any], stopping: bool = False) -> list[str]:
         out.append(f"{name}: not running (INIT)")
     if i["dual_master"]:
         out.append(f"{name}: two masters heard")
+    if i.get("vlan_silent_ago_s") is not None:
+        out.append(f"{name}: the master is silent on this VLAN but alive on the sync link "
+                   "(VLAN broken between the nodes?); holding as configured")
     if i["address_mismatch_peers"]:
         out.append(f"{name}: peer(s) {', '.join(i['address_mismatch_peers'])} advertise "
                    "another address list")

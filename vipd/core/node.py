@@ -92,6 +92,19 @@ class TellPeers:
 
 
 @dataclass(frozen=True, slots=True)
+class ViewChanged:
+    """Our view of a virtual router changed: the peers get it over the sync link."""
+
+    wire_id: bytes
+    view: bytes  # state code, effective priority, link usable (one byte each)
+
+
+STATE_CODES = {State.INIT.value: 0, State.BACKUP.value: 1, State.MASTER.value: 2,
+               State.FAULT.value: 3}
+MASTER_CODE = STATE_CODES[State.MASTER.value]
+
+
+@dataclass(frozen=True, slots=True)
 class Transition:
     """A router changed state (for logs, notify hooks, metrics)."""
 
@@ -101,7 +114,8 @@ class Transition:
     cause: str
 
 
-NodeAction = Send | SetVips | RepairVips | AnnounceVips | CommitFlows | TellPeers | Transition
+NodeAction = (Send | SetVips | RepairVips | AnnounceVips | CommitFlows | TellPeers
+              | ViewChanged | Transition)
 SYNC_DRAIN = "bulk sync"
 
 
@@ -238,6 +252,11 @@ class Node:
         self._by_vip: dict[IPAddress, Slot] = {}
         self._by_wire: dict[bytes, Slot] = {}
         self._released: dict[bytes, Slot] = {}  # our routers not serving, by wire id
+        self._peer_views: dict[bytes, dict[int, bytes]] = {}  # wire id -> node -> view
+        self.split_brains = 0
+        # when a backup's Master_Down_Timer runs out while a peer says over the sync link
+        # that it is master and reaches the VLAN: "takeover" (RFC 9568) or "hold"
+        self.on_vlan_silent = "takeover"
         self._install(make_slot(s) for s in specs)
 
     # ------------------------------------------------------------ queries
@@ -393,6 +412,12 @@ class Node:
         if deadline is None or deadline > now:
             self._schedule(slot, now)  # woken before its deadline (moved later, or coarse)
             return
+        md = slot.router.master_down_timer
+        if md is not None and md <= now and self.on_vlan_silent == "hold" \
+                and self.peer_master_with_link(slot) is not None:
+            # the master is alive and on the VLAN by its own word: the VLAN between us is
+            # broken; becoming a second master would split it (reported, counted)
+            slot.router.hold_takeover(now)
         self.stats.router_calls += 1
         self._run(now, slot, slot.router.handle_timer(now))
 
@@ -469,6 +494,39 @@ class Node:
                 self._schedule(slot, now)
                 n += 1
         return n
+
+    def peer_view(self, now: Fraction, node_id: int, wid: bytes, view: bytes) -> None:
+        """A peer's view of one virtual router (over the sync link). O(1)."""
+        slot = self._by_wire.get(wid)
+        if slot is None or len(view) < 3:
+            return
+        views = self._peer_views.setdefault(wid, {})
+        views[node_id] = view
+        if view[0] == MASTER_CODE:
+            self._check_split_brain(slot, now)
+
+    def peer_gone_views(self, node_id: int) -> None:
+        """A peer restarted or was forgotten: its views no longer hold."""
+        for views in self._peer_views.values():
+            views.pop(node_id, None)
+
+    def peer_master_with_link(self, slot: Slot) -> int | None:
+        """A peer that says over the sync link it is master of this router and can reach
+        its VLAN (its node id), or None."""
+        for node_id, view in self._peer_views.get(slot.wire_id, {}).items():
+            if view[0] == MASTER_CODE and view[2]:
+                return node_id
+        return None
+
+    def _check_split_brain(self, slot: Slot, now: Fraction | None = None) -> None:
+        if slot.router.state is not State.MASTER:
+            return
+        other = self.peer_master_with_link(slot)
+        if other is None:
+            return
+        at = now if now is not None else slot.router.master_heard_at or Fraction(0)
+        slot.router.note_split_brain(at)
+        self.split_brains += 1
 
     def own_addresses(self) -> list[IPAddress]:
         """This node's addresses on its VLANs (the primaries its adverts come from)."""
@@ -638,7 +696,15 @@ class Node:
 
     def _note_released(self, slot: Slot, old: str, new: str) -> None:
         """Keep the set of our routers that will not serve (FAULT, or drained: a group
-        fault, maintenance); when a master joins it, the peers are told at once."""
+        fault, maintenance); when a master joins it, the peers are told at once. Our view
+        of the router goes to the peers too, and a new master of ours is checked against
+        theirs (split brain)."""
+        r = slot.router
+        if self.commit_before_vips:  # sync runs: the peers follow our views
+            self._actions.append(ViewChanged(slot.wire_id, bytes(
+                [STATE_CODES[new], r.priority, 1 if r.link_up else 0])))
+            if new == State.MASTER.value:
+                self._check_split_brain(slot)
         serving = new == State.MASTER.value or (new == State.BACKUP.value
                                                 and not slot.router.drains)
         if serving:

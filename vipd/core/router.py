@@ -132,6 +132,8 @@ class Counters:
     address_mismatch: int = 0
     peers_forgotten: int = 0  # aged out, or pushed out by newer senders (MAX_PEERS)
     fast_takeovers_armed: int = 0  # master_node_gone moved the Master_Down_Timer
+    split_brain_seen: int = 0  # a peer's view over the sync link said master too
+    vlan_silent_held: int = 0  # takeovers held: master alive on the sync link only
 
 
 @dataclass(slots=True)
@@ -180,6 +182,7 @@ class VirtualRouter:
         self._last_claim: tuple[IPAddress, Seconds] | None = None
         self._other_claim: tuple[IPAddress, Seconds] | None = None
         self._last_followed: Advert | None = None  # see heard_again
+        self.vlan_silent_since: Seconds | None = None  # see hold_takeover
 
     # ------------------------------------------------------------ derived values
 
@@ -345,7 +348,8 @@ class VirtualRouter:
         src = adv.src
         if (self.state is not State.BACKUP or self.drains or self._timers.release is not None
                 or adv is not self._last_followed or len(self.peers) != 1
-                or self._other_claim is not None or self._last_claim is None):
+                or self._other_claim is not None or self._last_claim is None
+                or self.vlan_silent_since is not None):
             return False
         # (the same advert object: its address object is the one learned; `is` first)
         master, claimed = self.master_address, self._last_claim[0]
@@ -363,6 +367,25 @@ class VirtualRouter:
         self.master_heard_at = now
         self._timers.master_down = now + self.master_down_interval
         return True
+
+    def note_split_brain(self, now: Seconds) -> None:
+        """A peer says over the sync link that it is master too: a dual master however it
+        was seen (alarm in status; the RFC rules resolve it on the LAN)."""
+        if self._note_conflict(now):
+            log.warning("%s: split brain: another master per the sync link", self.config.name)
+        self.counters.split_brain_seen += 1
+
+    def hold_takeover(self, now: Seconds) -> None:
+        """Master_Down_Timer ran out but the master says over the sync link that it is
+        alive and reaches the VLAN: the VLAN between us is broken. Stay BACKUP (policy
+        "hold"), wait another Master_Down_Interval, report it."""
+        if self.state is not State.BACKUP or self._timers.master_down is None:
+            return
+        self._timers.master_down = now + self.master_down_interval
+        self.counters.vlan_silent_held += 1
+        self.vlan_silent_since = self.vlan_silent_since or now
+        log.warning("%s: master silent on this VLAN but alive on the sync link: holding "
+                    "(VLAN broken between the nodes?)", self.config.name)
 
     def master_node_gone(self, now: Seconds) -> bool:
         """A second channel (the sync link) says the master's node went silent: take over
@@ -524,6 +547,7 @@ class VirtualRouter:
 
     def _learn_master(self, now: Seconds, adv: Advert) -> None:
         self._last_followed = None  # _backup_receive sets it again when it may
+        self.vlan_silent_since = None
         self.master_address = adv.src
         self.master_priority = adv.priority
         self.master_heard_at = now

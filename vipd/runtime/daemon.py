@@ -164,6 +164,8 @@ class Daemon:
                                install_continuously=self.cfg.mode.value == "per-vlan-active")
         self.executor.commit_flows = self.sync.commit
         self.executor.tell_peers = self.sync.tell_peers
+        self.executor.set_view = self.sync.set_view
+        self.node.on_vlan_silent = cfg.on_vlan_silent
         await self.sync.start()
 
     async def run_until_stopped(self) -> None:

@@ -27,6 +27,7 @@ from vipd.core.node import (
     Slot,
     TellPeers,
     Transition,
+    ViewChanged,
 )
 from vipd.runtime.links import Links
 
@@ -42,6 +43,7 @@ class Executor:
         # the sync driver's commit, once sync runs (vipd.runtime.sync)
         self.commit_flows: Callable[[], Awaitable[object]] | None = None
         self.tell_peers: Callable[[], None] | None = None
+        self.set_view: Callable[[bytes, bytes], None] | None = None
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -88,6 +90,9 @@ class Executor:
         elif isinstance(act, TellPeers):
             if self.tell_peers is not None:
                 self.tell_peers()
+        elif isinstance(act, ViewChanged):
+            if self.set_view is not None:
+                self.set_view(act.wire_id, act.view)
         elif isinstance(act, Transition):
             pass  # logged by the router; notify hooks: TODO(#12)
 

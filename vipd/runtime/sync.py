@@ -137,6 +137,8 @@ class SyncDriver:
         for addr, data in self.link.recv_all():
             self.session.datagram(now, addr, data)
         self._released_by_peers(now)
+        if self.session.view_changes:
+            self._peer_views(now)
         if self.session.applied and self._installing is None:
             self._installing = asyncio.ensure_future(self._install())
         self._after()
@@ -180,6 +182,20 @@ class SyncDriver:
         self.session.alive_now()
         self.handoffs_told += 1
         self._send_out()  # (not _after: this runs while the daemon carries out actions)
+
+    def set_view(self, wid: bytes, view: bytes) -> None:
+        """Our view of a virtual router changed (node action ViewChanged): send it now."""
+        now = self.now()
+        self.session.set_view(now, wid, view)
+        self.session.flush(now)
+        self._send_out()
+
+    def _peer_views(self, now: Fraction) -> None:
+        changes, self.session.view_changes = self.session.view_changes, []
+        for origin, wid, view in changes:
+            self.node.peer_view(now, origin, wid, view)
+        if changes:
+            self.pump()
 
     def _released_by_peers(self, now: Fraction) -> None:
         """Routers a peer newly reports in FAULT: our backups following it there take

@@ -38,6 +38,7 @@ from vipd.core.sync.wire import (
     F_RESYNC_START,
     OP_DESTROY,
     OP_UPDATE,
+    OP_VIEW,
     RESYNC_REQUEST,
     ROOM,
     Message,
@@ -113,7 +114,8 @@ class Peer:
     unacked: OrderedDict[int, tuple[int, int, bytes, Fraction]] = field(
         default_factory=OrderedDict)  # seq -> (flags, count, payload, sent at)
     unacked_bytes: int = 0
-    resync_keys: list[bytes] | None = None  # a bulk resync under way: keys still to send
+    # a bulk resync under way: what is still to send, (0, flow key) or (1, view id)
+    resync_keys: list[tuple[int, bytes]] | None = None
     resync_started: bool = False
     resync_next: Fraction = Fraction(0)  # paced: the next burst
     # inbound: its DATA to us
@@ -152,6 +154,11 @@ class SyncSession:
         # what our ALIVE messages carry: this node's addresses on its VLANs (packed), so a
         # peer can tell which VRRP masters are this node
         self.alive_payload = b""
+        # each node's view of its virtual routers (state, priority, link), by wire id:
+        # ours, sent reliably on change and in resyncs; the peers', by origin node
+        self.own_view: dict[bytes, bytes] = {}
+        self.views: dict[int, dict[bytes, bytes]] = {}
+        self.view_changes: list[tuple[int, bytes, bytes]] = []  # (origin, id, view)
         self._out: list[tuple[Addr, bytes]] = []
         self._pending: list[bytes] = []  # packed records waiting for the next flush
         self._pending_len = 0
@@ -226,6 +233,17 @@ class SyncSession:
             self._pending_len += len(packed)
             self.stats["records_out"] += 1
 
+    def set_view(self, now: Fraction, wid: bytes, view: bytes) -> None:
+        """Our view of one virtual router changed: the peers get it in sequence."""
+        if self.own_view.get(wid) == view:
+            return
+        self.own_view[wid] = view
+        packed = pack_record(OP_VIEW, self.node_id, bytes([len(wid)]) + wid + view)
+        if self._pending_len + len(packed) > ROOM:
+            self._send_pending(now)
+        self._pending.append(packed)
+        self._pending_len += len(packed)
+
     def flush(self, now: Fraction) -> None:
         """Send what is queued, and the acknowledgements that are due."""
         self._send_pending(now)
@@ -286,17 +304,20 @@ class SyncSession:
         keys = p.resync_keys
         assert keys is not None
         if not p.resync_started:  # what changed since it was decided is in it too
-            keys.extend(self.internal)
+            keys.extend((0, k) for k in self.internal)
+            keys.extend((1, w) for w in self.own_view)
         for _ in range(RESYNC_BURST):
             flags = F_RESYNC | (0 if p.resync_started else F_RESYNC_START)
             chunk: list[bytes] = []
             size = 0
             while keys:
-                rec = self.internal.get(keys[-1])
-                if rec is None:
+                kind, k = keys[-1]
+                got = (self.internal if kind == 0 else self.own_view).get(k)
+                if got is None:
                     keys.pop()
                     continue
-                packed = pack_record(OP_UPDATE, self.node_id, rec)
+                packed = (pack_record(OP_UPDATE, self.node_id, got) if kind == 0 else
+                          pack_record(OP_VIEW, self.node_id, bytes([len(k)]) + k + got))
                 if size + len(packed) > ROOM:
                     break
                 keys.pop()
@@ -459,6 +480,14 @@ class SyncSession:
             p.stats["malformed"] += 1
             return
         for op, origin, rec in items:
+            if op == OP_VIEW:
+                n = rec[0] if rec else 0
+                wid, view = rec[1:1 + n], rec[1 + n:]
+                self.views.setdefault(origin, {})[wid] = view
+                self.view_changes.append((origin, wid, view))
+                if p.sweep is not None and msg.flags & F_RESYNC:
+                    p.sweep.add(b"\xffview" + wid)
+                continue
             try:
                 k = key_of(rec)
             except RecordError:
@@ -481,6 +510,9 @@ class SyncSession:
                     rec = origin_flows.pop(k)  # it no longer has them
                     if self.keep_applied:
                         self.applied.append((OP_DESTROY, rec))
+                views = self.views.get(p.node or 0, {})
+                for wid in [w for w in views if b"\xffview" + w not in p.sweep]:
+                    del views[wid]
             p.sweep = None
             p.synced = True
             p.stats["resyncs_received"] += 1

@@ -44,6 +44,7 @@ F_RESYNC_END = 0x4  # DATA: the last of a bulk resync
 
 OP_UPDATE = 1
 OP_DESTROY = 2
+OP_VIEW = 3  # not a flow: a node's view of one virtual router (vipd.core.sync.session)
 RECORD_HDR = struct.Struct("!BIH")
 
 
