@@ -28,6 +28,7 @@ class RouterView:
     vips_settling: bool = False
     vips_repaired: int = 0
     static: dict[str, Any] | None = None  # static_status(), kept by whoever owns the router
+    split_brain_with: int | None = None  # a peer node saying over the sync link: master too
 
 
 def _age(now: float, t: Fraction | None) -> float | None:
@@ -112,6 +113,7 @@ def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
         "dual_master_episodes": r.counters.dual_master_episodes,
         "fast_takeovers_armed": r.counters.fast_takeovers_armed,
         "split_brain_seen": r.counters.split_brain_seen,
+        "split_brain_with_node": v.split_brain_with,
         "vlan_silent_held": r.counters.vlan_silent_held,
         "vlan_silent_ago_s": _age(now, r.vlan_silent_since),
         "dual_master": r.dual_master_recent(now_s),
@@ -131,6 +133,9 @@ def router_problems(i: dict[str, Any], stopping: bool = False) -> list[str]:
         out.append(f"{name}: not running (INIT)")
     if i["dual_master"]:
         out.append(f"{name}: two masters heard")
+    if i.get("split_brain_with_node") is not None:
+        out.append(f"{name}: split brain: node {i['split_brain_with_node']} is master too "
+                   "(per the sync link)")
     if i.get("vlan_silent_ago_s") is not None:
         out.append(f"{name}: the master is silent on this VLAN but alive on the sync link "
                    "(VLAN broken between the nodes?); holding as configured")

@@ -7,7 +7,8 @@ from __future__ import annotations
 import signal
 import time
 
-from lab import Lab, wait_for
+import pytest
+from lab import Lab, run, wait_for
 from scenario import (
     Probe,
     Speaker,
@@ -89,3 +90,49 @@ def test_losing_only_the_sync_link_changes_nothing(lab: Lab) -> None:
     lab.restore("r1", segments=["sync"])
     wait_for(lambda: not any("unreachable" in x for x in status(lab, r2)["problems"]), 5,
              what="the sync link is back")
+
+
+ONE_WAY = """
+table bridge vipd_test_oneway {{
+  chain filter_forward {{
+    type filter hook forward priority 0;
+    iifname "{src}" oifname "{dst}" ip protocol 112 drop
+  }}
+}}
+"""
+
+
+@pytest.mark.parametrize("policy", ["takeover", "hold"])
+def test_one_way_advert_loss_alarms_and_applies_the_policy(lab: Lab, policy: str) -> None:
+    """r1's adverts to r2 are lost on lanA (dropped in the switch, one direction); the sync
+    link and everything else work. takeover: r2 becomes a second master and both report it;
+    hold: r2 stays backup, reports the broken VLAN, and nothing flaps."""
+    speakers = {}
+    for r, prio in (("r1", 200), ("r2", 100)):
+        cfg = vipd_config(lab, r, prio, INTERVAL_MS, mode="per-vlan-active")
+        cfg["sync"] = {**sync_section(lab, r), "on_vlan_silent": policy}
+        speakers[r] = start_vipd(lab, r, cfg)
+        if r == "r1":
+            wait_for(lambda: holder(lab, "lanA") == ["r1"], 10, what="r1 master")
+    r1, r2 = speakers["r1"], speakers["r2"]
+    wait_for(lambda: set(states(lab, r2)) == {"BACKUP"} and sync_status(lab, r2)["ready"],
+             10, what="r2 backup")
+    time.sleep(0.5)
+    before = [i for i in status(lab, r2)["instances"] if i["vlan"] == "lanA"][0]
+    run(["ip", "netns", "exec", lab.switch, "nft", "-f", "-"],
+        input=ONE_WAY.format(src=lab.port("r1", "lanA"), dst=lab.port("r2", "lanA")))
+    time.sleep(4 * MDI_MS / 1000)
+    a2 = [i for i in status(lab, r2)["instances"] if i["vlan"] == "lanA"][0]
+    problems2 = status(lab, r2)["problems"]
+    print(policy, a2["state"], a2["split_brain_seen"], a2["vlan_silent_held"], problems2)
+    if policy == "takeover":
+        assert a2["state"] == "MASTER"
+        assert any("split brain: node" in p for p in problems2)  # seen over the sync link
+        assert any("two masters" in p for p in status(lab, r1)["problems"])  # on the LAN
+    else:
+        assert a2["state"] == "BACKUP" and a2["vlan_silent_held"] >= 1
+        assert any("silent on this VLAN but alive on the sync link" in p for p in problems2)
+        assert holder(lab, "lanA") == ["r1"]
+        assert a2["transitions"] == before["transitions"]  # no flapping
+    run(["ip", "netns", "exec", lab.switch, "nft", "delete", "table", "bridge",
+         "vipd_test_oneway"])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from vipd.config import ConfigError
 from vipd.core.node import Key, Slot
+from vipd.core.router import State
 from vipd.status import RouterView, snapshot, static_status
 
 if TYPE_CHECKING:
@@ -111,4 +112,6 @@ class Commands:
                 text for v, text in zip(slot.vips, static["vips"], strict=True)
                 if v.ip in held),
             vips_settling=self.d.executor.settling(slot.key) or slot.installing,
-            vips_repaired=slot.vips_repaired, static=static)
+            vips_repaired=slot.vips_repaired, static=static,
+            split_brain_with=self.d.node.peer_master_with_link(slot)
+            if slot.router.state is State.MASTER else None)
