@@ -8,6 +8,10 @@ priorities (200 and 100) and advert interval, waits for r1 to be master, starts 
   cut          r1's switch ports down in one batch (unplanned)
   sigterm      the daemon on r1 stopped with SIGTERM (planned)
   maintenance  `vipctl maintenance on` on r1 (planned, vipd only)
+  linkloss     r1's lanA port down only (its other links stay up): vipd with the sync link
+               as a second channel, single-active; keepalived with a sync group
+  nodedeath    as cut, with the sync link configured (and cut too): vipd's second channel
+               against keepalived with a sync group
 and keeps probing until r2 holds both VIPs plus a margin. vipd and keepalived runs
 alternate so slow spells of this noisy machine hit both. Figures: the outage of the loss
 run at the fault (first to last unanswered request, plus one interval; lab-notes.md), the
@@ -40,6 +44,8 @@ from scenario import (  # noqa: E402
     keepalived_available,
     start_keepalived,
     start_vipd,
+    sync_section,
+    sync_status,
     vipctl,
     vipd_config,
 )
@@ -54,20 +60,30 @@ def master_down_ms(priority: int, interval_ms: int) -> float:
 def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, Any]:
     """One fault, made `phase` (0..1) of an advert interval after one of r1's adverts was
     seen on lanA: the outage depends on that phase, so every kind gets the same phases."""
+    second = fault in ("linkloss", "nodedeath")
     with Lab(Topology.load()) as lab:
         if kind == "vipd":
-            s1 = start_vipd(lab, "r1", vipd_config(lab, "r1", 200, interval_ms))
-            start_vipd(lab, "r2", vipd_config(lab, "r2", 100, interval_ms))
+            cfgs = {r: vipd_config(lab, r, p, interval_ms,
+                                   **({"mode": "single-active"} if second else {}))
+                    for r, p in (("r1", 200), ("r2", 100))}
+            if second:
+                for r, cfg in cfgs.items():
+                    cfg["sync"] = sync_section(lab, r)
+            s1 = start_vipd(lab, "r1", cfgs["r1"])
+            s2 = start_vipd(lab, "r2", cfgs["r2"])
+            if second:
+                wait_for(lambda: sync_status(lab, s2)["ready"], 10, what="r2 synced")
         else:
-            s1 = start_keepalived(lab, "r1", 200, interval_ms)
-            start_keepalived(lab, "r2", 100, interval_ms)
+            s1 = start_keepalived(lab, "r1", 200, interval_ms, sync_group=second)
+            start_keepalived(lab, "r2", 100, interval_ms, sync_group=second)
         settle = 5 + 5 * interval_ms / 1000
         wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"],
                  settle, what=f"{kind}: r1 master")
         time.sleep(3 * interval_ms / 1000 + 0.3)  # r2 has heard r1 and the probe warms up
         probe = Probe(lab, "client", TARGET, 1.0, 120)
         watch = AdvertWatch(lab, "client")
-        cut = lab.prepare_cut("r1") if fault == "cut" else None
+        cut = (lab.prepare_cut("r1") if fault in ("cut", "nodedeath") else
+               lab.prepare_cut("r1", segments=["lanA"]) if fault == "linkloss" else None)
         time.sleep(0.5)
         seen = watch.wait_advert("192.0.2.11", 2 + 2 * interval_ms / 1000)
         watch.close()
@@ -175,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     faults = args.faults.split(",")
     if "cut" in faults:
         plan += [(int(i), "cut") for i in args.intervals.split(",")]
-    plan += [(args.planned_interval, f) for f in faults if f != "cut"]
+    plan += [(args.planned_interval, f) for f in faults if f != "cut"]  # 100 ms adverts
     results: list[dict[str, Any]] = []
     for interval_ms, fault in plan:
         these = [k for k in kinds if not (fault == "maintenance" and k == "keepalived")]

@@ -109,16 +109,18 @@ def keepalived_available() -> bool:
 def keepalived_config(lab: Lab, router: str, priority: int, interval_ms: int,
                       preempt: bool = True, garp_count: int = 3, family: str = "ipv4",
                       version: int = 3, use_vmac: bool = False,
-                      notify_master: str | None = None) -> str:
-    """One instance per VLAN; with `notify_master` they form one sync group (all VLANs
-    move together, as vipd's single-active) that runs the script on becoming master."""
+                      notify_master: str | None = None, sync_group: bool = False) -> str:
+    """One instance per VLAN; with `sync_group` (or `notify_master`) they form one sync
+    group (all VLANs move together, as vipd's single-active), which runs `notify_master`
+    on becoming master."""
     lines = ["global_defs {", f"  router_id {router}", f"  vrrp_version {version}",
              "  vrrp_garp_master_delay 0", f"  vrrp_garp_master_repeat {garp_count}",
              "  vrrp_garp_interval 0.1", "  enable_script_security", "  script_user root",
              "}"]
-    if notify_master:
+    if notify_master or sync_group:
         lines += ["vrrp_sync_group G {", "  group {", *[f"    {v}" for v in lab.topo.vlans],
-                  "  }", f"  notify_master \"{notify_master}\"", "}"]
+                  "  }", *([f"  notify_master \"{notify_master}\""] if notify_master else []),
+                  "}"]
     for i, vlan in enumerate(lab.topo.vlans):
         vip = lab.topo.vip(vlan, family)
         lines += [f"vrrp_instance {vlan} {{", "  state BACKUP", f"  interface {vlan}",

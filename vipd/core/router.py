@@ -493,8 +493,11 @@ class VirtualRouter:
             self._learn_master(now, adv)
             return
         if adv.priority == 0:
-            # RFC 9568 6.4.2: the master is leaving; wait Skew_Time only.
-            self._timers.master_down = now + self.skew_time
+            # RFC 9568 6.4.2: the master is leaving; wait Skew_Time only (or less, if the
+            # sync link already said so: master_released)
+            at = now + self.skew_time
+            md = self._timers.master_down
+            self._timers.master_down = at if md is None or md > at else md
             return
         holding = (self.config.preempt_delay > 0 and self._backup_since is not None
                    and now < self._backup_since + self.config.preempt_delay)

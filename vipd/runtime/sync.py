@@ -79,11 +79,15 @@ class SyncDriver:
         table = await self.ct.dump()
         self.session.local(self.now(), [(OP_UPDATE, r) for r in table if self.filter.keep(r)])
         self.session.pop_datagrams()  # nobody to send to yet: peers get a resync on contact
-        for fd, cb in ((self.ct.fileno(), self._on_conntrack),
-                       (self.link.fileno(), self._on_link)):
-            if fd >= 0:
-                self._loop.add_reader(fd, self._coalesced, fd, cb)
-                self._readers.append(fd)
+        # conntrack events are read in coalesced bursts (full datagrams, few wake-ups); the
+        # sync link at once: a peer's release or a takeover is waiting on it
+        if self.ct.fileno() >= 0:
+            fd = self.ct.fileno()
+            self._loop.add_reader(fd, self._coalesced, fd, self._on_conntrack)
+            self._readers.append(fd)
+        if self.link.fileno() >= 0:
+            self._loop.add_reader(self.link.fileno(), self._on_link)
+            self._readers.append(self.link.fileno())
         log.info("sync: node id %d, %d flows of ours, peers %s", self.session.node_id,
                  len(self.session.internal), ", ".join(str(p) for p in self.cfg.peers))
         self._after()
