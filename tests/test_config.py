@@ -334,7 +334,7 @@ def test_sync_section_options_and_key_file_permissions(tmp_path: Path) -> None:
     assert s.zones == frozenset({0, 7})
     assert loads(GOOD).sync.effective_node_id == int(IPv4Address("203.0.113.1"))  # type: ignore[union-attr]
     for bad, why in (("protocols: [tcp, bogus]", "is not a list of protocols"),
-                     ("alive_interval: 1ms", "is not 10 ms to 10 s"),
+                     ("alive_interval: 11s", "is not 1 ms to 10 s"),
                      ("node_id: 0", "is not a node id"),
                      ("zones: [70000]", "is not a list of conntrack zones")):
         with pytest.raises(ConfigError) as exc:

@@ -539,8 +539,8 @@ def parse(data: object, source: str = "") -> Config:
                         "is not a node id (1 to 4294967295)", 0)
         alive_ms = p.opt("sync", sm, "alive_interval", parse_duration_ms,
                          "is not a duration", 500)
-        if not 10 <= alive_ms <= 10_000:
-            p.err("sync.alive_interval", sm.get("alive_interval"), "is not 10 ms to 10 s")
+        if not 1 <= alive_ms <= 10_000:
+            p.err("sync.alive_interval", sm.get("alive_interval"), "is not 1 ms to 10 s")
         protocols = p.opt("sync", sm, "protocols", _protocols,
                           f"is not a list of protocols ({', '.join(PROTOCOLS)})",
                           frozenset({6, 17, 1, 58, 132}))
