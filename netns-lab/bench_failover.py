@@ -62,6 +62,7 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
     seen on lanA: the outage depends on that phase, so every kind gets the same phases."""
     second = fault in ("linkloss", "nodedeath")
     with Lab(Topology.load()) as lab:
+        s2 = None
         if kind == "vipd":
             cfgs = {r: vipd_config(lab, r, p, interval_ms,
                                    **({"mode": "single-active"} if second else {}))
@@ -88,6 +89,7 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
         seen = watch.wait_advert("192.0.2.11", 2 + 2 * interval_ms / 1000)
         watch.close()
         time.sleep(max(0.0, seen + phase * interval_ms / 1000 - time.monotonic()))
+        watcher = DualMasterWatch([s1, s2]) if kind == "vipd" else None
         t_fault = time.monotonic()
         if cut is not None:
             cut()
@@ -99,6 +101,7 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
                  settle, interval=0.002, what=f"{kind}: r2 holds the VIPs")
         moved_ms = (time.monotonic() - t_fault) * 1000
         time.sleep(max(0.5, 2 * interval_ms / 1000))
+        dual_ms = watcher.stop() if watcher is not None else None
         res = probe.finish()
     runs = [r for r in res["loss_runs"] if r["last_send"] >= t_fault - 0.002]
     worst = max(runs, key=lambda r: r["count"], default=None)
@@ -111,8 +114,55 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
         "longest_reply_gap_ms": res["longest_reply_gap_ms"],
         "max_send_gap_ms": res["max_send_gap_ms"],
         "vip_moved_ms": round(moved_ms, 1),
+        "dual_master_ms": dual_ms,
         "sent": res["sent"], "received": res["received"],
     }
+
+
+class DualMasterWatch:
+    """Both daemons' status every few ms over their control sockets (from here: a vipctl
+    process per poll would be too slow): the longest time both called themselves MASTER
+    of the same virtual router."""
+
+    def __init__(self, speakers: list[Any]) -> None:
+        import threading
+
+        self.socks = [str(sp.socket) for sp in speakers if sp is not None]
+        self.worst = 0.0
+        self._since: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from vipd.io.control_client import request
+
+        while not self._stop.is_set():
+            masters: dict[str, int] = {}
+            for sock in self.socks:
+                try:
+                    st = request(sock, {"command": "status"}, timeout=0.5)["status"]
+                except Exception:
+                    continue  # a daemon cut off or killed: not a master on the LAN
+                for i in st["instances"]:
+                    if i["state"] == "MASTER" and i.get("effective_priority", 1) > 0:
+                        masters[i["name"]] = masters.get(i["name"], 0) + 1
+            now = time.monotonic()
+            for name in set(self._since) | set(masters):
+                if masters.get(name, 0) >= 2:
+                    self._since.setdefault(name, now)
+                elif name in self._since:
+                    self.worst = max(self.worst, now - self._since.pop(name))
+            time.sleep(0.003)
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(2)
+        now = time.monotonic()
+        for since in self._since.values():
+            self.worst = max(self.worst, now - since)
+        return round(self.worst * 1000, 1)
 
 
 def stats(values: list[float]) -> dict[str, float]:
@@ -132,7 +182,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         line: dict[str, Any] = {"fault": fault, "interval_ms": interval_ms,
                                 "master_down_interval_ms": master_down_ms(100, interval_ms)}
         for kind, rs in rows.items():
+            duals = [r["dual_master_ms"] for r in rs if r.get("dual_master_ms") is not None]
             line[kind] = {"outage_ms": stats([r["outage_ms"] for r in rs]),
+                          **({"dual_master_ms": stats(duals)} if duals else {}),
                           "reply_gap_ms": stats([r["longest_reply_gap_ms"] for r in rs]),
                           "lost": stats([r["lost"] for r in rs]), "runs": len(rs)}
         if "vipd" in rows and "keepalived" in rows:
@@ -204,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{phase:.2f}): outage "
                       f"{r['outage_ms']:7.1f} ms, lost {r['lost']:4d}, reply gap "
                       f"{r['longest_reply_gap_ms']:7.1f} ms, probe send gap "
-                      f"{r['max_send_gap_ms']:5.1f} ms", flush=True)
+                      f"{r['max_send_gap_ms']:5.1f} ms, two masters "
+                      f"{r.get('dual_master_ms')} ms", flush=True)
     summary = summarize(results)
     print()
     print_summary(summary)
