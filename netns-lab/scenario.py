@@ -92,7 +92,8 @@ def vipctl(lab: Lab, speaker: Speaker, *args: str) -> subprocess.CompletedProces
 
 def status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
     p = vipctl(lab, speaker, "status", "--json")
-    if p.returncode not in (0, 1):
+    # 0 healthy, 1 degraded, 2 critical (with the status) or unreachable (without)
+    if p.returncode not in (0, 1, 2) or not p.stdout.strip():
         raise LabError(f"vipctl status: exit {p.returncode}: {p.stderr}")
     result: dict[str, Any] = json.loads(p.stdout)
     return result

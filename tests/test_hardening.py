@@ -274,3 +274,13 @@ def test_address_list_comparison_runs_once_per_distinct_list(
     diffs = [check_against(packet.decode(raw, meta), view) for _ in range(100)]
     assert calls["n"] == 1 and diffs[0] is diffs[-1] and diffs[0] is not None
     assert diffs[0].extra == (addrs[-1],)
+
+
+def test_vipctl_usage_errors_exit_3_as_monitoring_plugins_expect() -> None:
+    import pytest as _pytest
+
+    from vipd.vipctl import EXIT_UNKNOWN, main
+
+    with _pytest.raises(SystemExit) as exc:
+        main(["no-such-command"])
+    assert exc.value.code == EXIT_UNKNOWN == 3

@@ -319,6 +319,10 @@ def test_split_brain_seen_over_the_sync_link_raises_the_alarm(tmp_path: Path) ->
         inst = st["instances"][0]
         assert inst["split_brain_seen"] == 1 and inst["dual_master"]
         assert any("two masters" in p for p in st["problems"]) and not st["healthy"]
+        assert st["severity"] == "critical"
+        from vipd.vipctl import render
+
+        assert "CRITICAL" in render(st).splitlines()[0]
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
 

@@ -161,12 +161,16 @@ def snapshot(node: str, mode: str, routers: Iterable[RouterView],
     problems = list(node_problems)
     for i in instances:
         problems += router_problems(i, stopping)
+    critical = any(i["dual_master"] or i.get("split_brain_with_node") is not None
+                   for i in instances)
     return {
         "node": node,
         "mode": mode,
         "uptime_s": round(started_ago_s, 3),
         "reloads": reloads,
         "healthy": not problems,
+        # monitoring-plugin levels: two masters for one virtual router is critical
+        "severity": "critical" if critical else ("degraded" if problems else "ok"),
         "problems": problems,
         "instances": instances,
         "interfaces": list(interfaces),

@@ -12,12 +12,14 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 from vipd.defaults import DEFAULT_CONTROL_SOCKET
 from vipd.io.control_client import request
 
-EXIT_OK, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 2
+# the monitoring-plugin convention (Nagios, Icinga): OK, WARNING, CRITICAL, UNKNOWN
+EXIT_OK, EXIT_DEGRADED, EXIT_CRITICAL, EXIT_UNKNOWN = 0, 1, 2, 3
+EXIT_UNREACHABLE = EXIT_CRITICAL
 BUSY_RETRIES = 5
 
 
@@ -35,8 +37,10 @@ def _ago(v: float | None) -> str:
 
 def render(status: dict[str, Any]) -> str:
     """The text view of the status model (same data as --json)."""
+    level = {"ok": "healthy", "degraded": "DEGRADED", "critical": "CRITICAL"}.get(
+        status.get("severity", ""), "healthy" if status["healthy"] else "DEGRADED")
     lines = [f"node {status['node']}  mode {status['mode']}  "
-             f"{'healthy' if status['healthy'] else 'DEGRADED'}  up {status['uptime_s']:.0f} s"]
+             f"{level}  up {status['uptime_s']:.0f} s"]
     for p in status["problems"]:
         lines.append(f"  ! {p}")
     for i in status["instances"]:
@@ -118,8 +122,15 @@ def render_sync(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # usage errors are UNKNOWN (3), not 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_UNKNOWN, f"{self.prog}: error: {message}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="vipctl", description="control a running vipd")
+    ap = _Parser(prog="vipctl", description="control a running vipd (exit codes: 0 OK, "
+                 "1 degraded, 2 critical or unreachable, 3 usage)")
     ap.add_argument("-s", "--socket", "--control-socket", dest="socket",
                     default=os.environ.get("VIPD_SOCKET", DEFAULT_CONTROL_SOCKET))
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -158,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "status":
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
+        if status.get("severity") == "critical":
+            return EXIT_CRITICAL
         return EXIT_OK if status["healthy"] else EXIT_DEGRADED
     if args.cmd == "sync":
         sync = reply["sync"]

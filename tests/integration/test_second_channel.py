@@ -19,6 +19,7 @@ from scenario import (
     status,
     sync_section,
     sync_status,
+    vipctl,
     vipd_config,
 )
 
@@ -128,6 +129,7 @@ def test_one_way_advert_loss_alarms_and_applies_the_policy(lab: Lab, policy: str
     if policy == "takeover":
         assert a2["state"] == "MASTER"
         assert any("split brain: node" in p for p in problems2)  # seen over the sync link
+        assert vipctl(lab, r2, "status").returncode == 2  # CRITICAL
         assert any("two masters" in p for p in status(lab, r1)["problems"])  # on the LAN
     else:
         assert a2["state"] == "BACKUP" and a2["vlan_silent_held"] >= 1
