@@ -145,6 +145,18 @@ def load_sync_key(path: str) -> bytes:
     return key
 
 
+NOTIFY_EVENTS = ("master", "backup", "fault", "stop", "alarm")
+
+
+@dataclass(frozen=True)
+class NotifyConfig:
+    """Commands run on transitions (argv lists; arguments and environment describe the
+    router and the change), one at a time in order, each bounded by `timeout_ms`."""
+
+    commands: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (event, argv)
+    timeout_ms: int = 5000
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig
@@ -152,6 +164,7 @@ class Config:
     vlans: tuple[VlanConfig, ...]
     sync: SyncConfig | None = None
     source: str = field(default="", compare=False)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def virtual_mac(vrid: int, family: int) -> str:
@@ -421,6 +434,13 @@ def _protocols(v: object) -> frozenset[int]:
     return frozenset(PROTOCOLS[x] for x in v)
 
 
+def _argv(v: object) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v) \
+            or not v[0].startswith("/"):
+        raise ValueError(v)
+    return tuple(v)
+
+
 def _zones(v: object) -> frozenset[int]:
     if not isinstance(v, list) or not v or not all(
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 65535 for x in v):
@@ -460,7 +480,7 @@ def _checksum(v: object) -> ChecksumVariant:
 def parse(data: object, source: str = "") -> Config:
     """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
     p = _Parser()
-    top = p.mapping("", data, {"node", "mode", "vlans", "sync"})
+    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
                                                         "control_socket_mode",
                                                         "realtime_priority"})
@@ -556,9 +576,21 @@ def parse(data: object, source: str = "") -> Config:
         if s_if and s_local and key_file:
             sync = SyncConfig(s_if, s_local, tuple(peers), port, key_file, node_id, alive_ms,
                               protocols, ignore, zones, on_silent)
+    notify = NotifyConfig()
+    if "notify" in top:
+        nm = p.mapping("notify", top["notify"], {*NOTIFY_EVENTS, "timeout"})
+        cmds = []
+        for ev in NOTIFY_EVENTS:
+            if ev in nm:
+                argv = p.get("notify", nm, ev, _argv, "is not a command (a list of strings, "
+                             "the first an absolute path)")
+                if argv:
+                    cmds.append((ev, argv))
+        timeout = p.opt("notify", nm, "timeout", parse_duration_ms, "is not a duration", 5000)
+        notify = NotifyConfig(tuple(cmds), timeout)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
-    return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source)
+    return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source, notify)
 
 
 def _bounded(errors: list[str]) -> list[str]:

@@ -92,6 +92,15 @@ class TellPeers:
 
 
 @dataclass(frozen=True, slots=True)
+class Alarm:
+    """Two masters for a virtual router began (on the LAN or per the sync link): for the
+    notify hooks (logged and counted by the router already)."""
+
+    key: Key
+    what: str
+
+
+@dataclass(frozen=True, slots=True)
 class ViewChanged:
     """Our view of a virtual router changed: the peers get it over the sync link."""
 
@@ -115,7 +124,7 @@ class Transition:
 
 
 NodeAction = (Send | SetVips | RepairVips | AnnounceVips | CommitFlows | TellPeers
-              | ViewChanged | Transition)
+              | ViewChanged | Alarm | Transition)
 SYNC_DRAIN = "bulk sync"
 
 
@@ -387,7 +396,10 @@ class Node:
             self.stats.router_calls += 1
             if slot.router.heard_again(at, adv):
                 continue  # a backup's Master_Down_Timer moved later: its timer bucket stays
+            episodes = slot.router.counters.dual_master_episodes
             acts, dropped = slot.router.handle_advert(at, adv, diff)
+            if slot.router.counters.dual_master_episodes != episodes:
+                self._actions.append(Alarm(slot.key, "two masters heard"))
             if dropped is not None:
                 slot.drops[dropped] += 1
             self._run(at, slot, acts)
@@ -525,8 +537,11 @@ class Node:
         if other is None:
             return
         at = now if now is not None else slot.router.master_heard_at or Fraction(0)
+        episodes = slot.router.counters.dual_master_episodes
         slot.router.note_split_brain(at)
         self.split_brains += 1
+        if slot.router.counters.dual_master_episodes != episodes:
+            self._actions.append(Alarm(slot.key, "split brain (per the sync link)"))
 
     def own_addresses(self) -> list[IPAddress]:
         """This node's addresses on its VLANs (the primaries its adverts come from)."""

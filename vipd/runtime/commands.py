@@ -82,6 +82,8 @@ class Commands:
         snap["task_restarts"] = dict(d.task_restarts)
         if d._control is not None:
             snap["control"] = dict(d._control.stats)
+        if d.notifier.enabled:
+            snap["notify"] = dict(d.notifier.stats)
         if d.sync is not None:
             ss = d.sync.session
             snap["sync"] = {"ready": d.sync.ready_latched,

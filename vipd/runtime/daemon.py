@@ -35,6 +35,7 @@ from vipd.io.vrrp_socket import VrrpTransport
 from vipd.runtime.commands import Commands
 from vipd.runtime.executor import Executor
 from vipd.runtime.links import LINK_MONITOR, Interface, Links, SocketFactory
+from vipd.runtime.notify import Notifier
 from vipd.runtime.sync import SyncDriver
 
 log = logging.getLogger("vipd")
@@ -93,6 +94,8 @@ class Daemon:
                            tasks_down=self.tasks_down)
         self.executor = Executor(self.node, self.links, set_link_up=set_link_up, now=self.now,
                                  pump=self.pump)
+        self.notifier = Notifier(cfg.notify)
+        self.executor.notifier = self.notifier
         self.commands = Commands(self)
         self._control: ControlServer | None = None
 
@@ -186,6 +189,8 @@ class Daemon:
         while self.node.holding_vips:
             await asyncio.sleep(0.005)
         await self.executor.drain()
+        with contextlib.suppress(Exception):
+            await self.notifier.drain()  # the STOP hooks run before vipd exits
         await self.close()
         self._done.set()
 

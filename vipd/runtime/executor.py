@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from fractions import Fraction
 
 from vipd.core.node import (
+    Alarm,
     AnnounceVips,
     CommitFlows,
     Key,
@@ -30,6 +31,7 @@ from vipd.core.node import (
     ViewChanged,
 )
 from vipd.runtime.links import Links
+from vipd.runtime.notify import Notifier
 
 log = logging.getLogger("vipd")
 
@@ -44,6 +46,7 @@ class Executor:
         self.commit_flows: Callable[[], Awaitable[object]] | None = None
         self.tell_peers: Callable[[], None] | None = None
         self.set_view: Callable[[bytes, bytes], None] | None = None
+        self.notifier: Notifier | None = None  # vipd.runtime.notify
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -93,8 +96,17 @@ class Executor:
         elif isinstance(act, ViewChanged):
             if self.set_view is not None:
                 self.set_view(act.wire_id, act.view)
-        elif isinstance(act, Transition):
-            pass  # logged by the router; notify hooks: TODO(#12)
+        elif isinstance(act, Transition) and self.notifier is not None:
+            slot = self.node.slots.get(act.key)
+            if slot is not None and self.notifier.enabled:
+                c = slot.router.config
+                self.notifier.transition(c.name, slot.spec.vlan, slot.spec.interface,
+                                         c.vrid, c.family, act.old, act.new,
+                                         slot.router.priority, act.cause)
+        elif isinstance(act, Alarm) and self.notifier is not None:
+            slot = self.node.slots.get(act.key)
+            if slot is not None:
+                self.notifier.alarm(slot.router.config.name, act.what)
 
     # ------------------------------------------------------------ adverts
 
