@@ -69,3 +69,29 @@ def test_the_daemon_runs_the_master_hook_on_takeover(tmp_path: Path) -> None:
         assert d.status()["notify"]["ran"] == 1
 
     run(tmp_path, body, w)
+
+
+def test_vipctl_events_streams_every_transition(tmp_path: Path) -> None:
+    w = World(tmp_path)
+
+    async def body(w: World, d: Daemon) -> None:
+        reader, writer = await asyncio.open_unix_connection(w.sock_path)
+        writer.write(b'{"command": "events"}\n')
+        await writer.drain()
+        assert json.loads(await reader.readline()) == {"ok": True, "events": "following"}
+        fire(w, d)  # BACKUP -> MASTER
+        event = json.loads(await asyncio.wait_for(reader.readline(), 2))
+        assert (event["event"], event["router"], event["from"], event["to"]) == (
+            "transition", "lan-a/vrid 51/IPv4", "BACKUP", "MASTER")
+        assert event["cause"] == "master_down_timer"
+        # other requests are answered as usual meanwhile
+        r2, w2 = await asyncio.open_unix_connection(w.sock_path)
+        w2.write(b'{"command": "ping"}\n')
+        await w2.drain()
+        assert json.loads(await r2.readline())["ok"] is True
+        for wr in (writer, w2):
+            wr.close()
+        await asyncio.sleep(0.05)
+        assert d._control is not None and not d._control._subscribers  # noticed at once
+
+    run(tmp_path, body, w)

@@ -99,6 +99,22 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def follow_events(path: str) -> int:
+    """Print each event as a JSON line until the daemon goes (or Ctrl-C)."""
+    from vipd.io.control_client import stream
+
+    try:
+        for event in stream(path, {"command": "events"}):
+            if "event" in event:
+                print(json.dumps(event), flush=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except OSError as exc:
+        print(f"vipctl: cannot reach vipd at {path}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    return EXIT_OK
+
+
 def render_sync(s: dict[str, Any]) -> str:
     lines = [f"sync: node id {s['node_id']}, {'ready' if s['ready'] else 'BULK SYNC NOT DONE'}"
              f"; flows: {s['internal_flows']} ours, {s['external_flows']} from peers",
@@ -141,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("reload", help="re-read the configuration")
     sy = sub.add_parser("sync", help="connection-state sync: peers, caches, last commit")
     sy.add_argument("--json", action="store_true")
+    sub.add_parser("events", help="follow every transition and alarm (JSON lines)")
     args = ap.parse_args(argv)
+    if args.cmd == "events":
+        return follow_events(args.socket)
 
     if args.cmd == "status":
         req: dict[str, Any] = {"command": "status"}

@@ -41,6 +41,7 @@ MAX_CLIENTS = 256  # well under the default 1024 descriptors; all are served in 
 IDLE_TIMEOUT_S = 10.0
 WRITE_TIMEOUT_S = 5.0
 MIN_IDLE_EVICT_S = 0.5
+EVENTS_QUEUE = 1000
 
 
 class ControlServer:
@@ -58,6 +59,43 @@ class ControlServer:
                                       "internal_errors": 0}
         self._log = RateLimitedLog(log)
         self._encoded: tuple[dict[str, Any], bytes] | None = None
+        # `events` subscribers: one bounded queue each (the oldest event is dropped and
+        # counted when a slow reader lets it fill)
+        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self.stats["events_dropped"] = 0
+
+    def publish(self, event: dict[str, Any]) -> None:
+        """Send an event (a transition) to every `events` subscriber. O(subscribers)."""
+        if not self._subscribers:
+            return
+        line = json.dumps(event, separators=(",", ":")).encode() + b"\n"
+        for q in self._subscribers:
+            if q.full():
+                q.get_nowait()
+                self.stats["events_dropped"] += 1
+            q.put_nowait(line)
+
+    async def _stream_events(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        """Keep the connection for the events: a JSON line per event until the client
+        closes it (noticed at once: a gone subscriber must not hold a connection slot)."""
+        q: asyncio.Queue[bytes] = asyncio.Queue(maxsize=EVENTS_QUEUE)
+        self._subscribers.add(q)
+        gone = asyncio.ensure_future(reader.read())  # returns at end of file
+        try:
+            writer.write(b'{"ok":true,"events":"following"}\n')
+            await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+            while True:
+                nxt = asyncio.ensure_future(q.get())
+                done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in done:
+                    nxt.cancel()
+                    return
+                writer.write(nxt.result())
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+        finally:
+            gone.cancel()
+            self._subscribers.discard(q)
 
     async def start(self) -> None:
         ensure_dir(os.path.dirname(self.path))
@@ -119,6 +157,9 @@ class ControlServer:
                 if not line or writer not in self._clients:
                     return
                 self._clients[writer] = None
+                if b'"events"' in line and _is_events(line):
+                    await self._stream_events(reader, writer)  # until the client goes
+                    return
                 await self._reply(writer, await self._dispatch(line))
                 self._clients.pop(writer, None)  # idle again: now the newest idle one
                 self._clients[writer] = loop.time()
@@ -167,6 +208,14 @@ class ControlServer:
             self._encoded = (reply, json.dumps(reply, separators=(",", ":")).encode() + b"\n")
         writer.write(self._encoded[1])
         await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT_S)
+
+
+def _is_events(line: bytes) -> bool:
+    try:
+        req = json.loads(line)
+    except (ValueError, RecursionError, UnicodeDecodeError):
+        return False
+    return isinstance(req, dict) and req.get("command") == "events"
 
 
 def _err(code: str, message: str) -> dict[str, Any]:

@@ -134,6 +134,7 @@ class Daemon:
         self._control = ControlServer(self.control_path, self.commands.handle,
                                       self.cfg.node.control_socket_mode)
         await self._control.start()
+        self.executor.publish = self._control.publish
         self._tasks.append(self._supervise(LINK_MONITOR,
                                            lambda: self.rtnl.watch(self.links.on_event)))
         for iface in self.links.ifaces.values():

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from fractions import Fraction
+from typing import Any
 
 from vipd.core.node import (
     Alarm,
@@ -47,6 +49,7 @@ class Executor:
         self.tell_peers: Callable[[], None] | None = None
         self.set_view: Callable[[bytes, bytes], None] | None = None
         self.notifier: Notifier | None = None  # vipd.runtime.notify
+        self.publish: Callable[[dict[str, Any]], None] | None = None  # `vipctl events`
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -98,6 +101,11 @@ class Executor:
                 self.set_view(act.wire_id, act.view)
         elif isinstance(act, Transition) and self.notifier is not None:
             slot = self.node.slots.get(act.key)
+            if slot is not None and self.publish is not None:
+                self.publish({"event": "transition", "router": slot.router.config.name,
+                              "vlan": slot.spec.vlan, "from": act.old, "to": act.new,
+                              "cause": act.cause, "priority": slot.router.priority,
+                              "time": time.time()})
             if slot is not None and self.notifier.enabled:
                 c = slot.router.config
                 self.notifier.transition(c.name, slot.spec.vlan, slot.spec.interface,
@@ -107,6 +115,9 @@ class Executor:
             slot = self.node.slots.get(act.key)
             if slot is not None:
                 self.notifier.alarm(slot.router.config.name, act.what)
+                if self.publish is not None:
+                    self.publish({"event": "alarm", "router": slot.router.config.name,
+                                  "what": act.what, "time": time.time()})
 
     # ------------------------------------------------------------ adverts
 
