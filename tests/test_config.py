@@ -165,7 +165,8 @@ vlans:
 def test_missing_and_wrong_shapes() -> None:
     with pytest.raises(ConfigError) as ei:
         loads("node: {}\nvlans: []\n")
-    assert ei.value.errors == ["node.name: is required", "vlans: [] is not a non-empty list"]
+    assert ei.value.errors == ["node.name: is required", "mode: is required",
+                               "vlans: [] is not a non-empty list"]
     with pytest.raises(ConfigError) as ei:
         loads("node: [\n")
     assert "not valid YAML" in ei.value.errors[0]
@@ -353,3 +354,17 @@ def test_sync_section_options_and_key_file_permissions(tmp_path: Path) -> None:
     key.write_bytes(b"short")
     with pytest.raises(ConfigError, match="16 to 4096 bytes"):
         load_sync_key(str(key))
+
+
+def test_vipd_cli_help_version_and_check_config_help() -> None:
+    from vipd import __version__
+
+    out = subprocess.run([sys.executable, "-m", "vipd", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "check-config" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "vipd", "--version"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == f"vipd {__version__}"
+    out = subprocess.run([sys.executable, "-m", "vipd", "check-config", "--help"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: vipd check-config FILE" in out.stdout

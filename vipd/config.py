@@ -494,8 +494,10 @@ def parse(data: object, source: str = "") -> Config:
         realtime_priority=p.opt("node", node_raw, "realtime_priority", _int_in(0, 99),
                                 "is not a SCHED_RR priority (0..99)", 0),
     )
+    # Required: a missing mode used to mean single-active, the mode that drains every
+    # VLAN of the node on one fault; that must be a choice, not a default.
     mode = p.get("", top, "mode", lambda v: Mode(v),
-                 "is not single-active, per-vlan-active or all-active", Mode.SINGLE_ACTIVE)
+                 "is not single-active, per-vlan-active or all-active", required=True)
     if mode is Mode.ALL_ACTIVE:
         # One verdict for check-config, start and reload alike.
         # TODO(#10): all-active load sharing; until then it is refused, never pretended.

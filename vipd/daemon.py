@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from vipd import __version__
 from vipd.config import ConfigError, load, load_sync_key
 
 
@@ -25,11 +26,18 @@ def check_config(path: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"]:
+        if argv[1:2] in (["-h"], ["--help"]):
+            print("usage: vipd check-config FILE\n\nValidate a configuration without "
+                  "starting: every error with its path; exit 0 if valid, 1 if not.")
+            return 0
         if len(argv) != 2:
             print("usage: vipd check-config FILE", file=sys.stderr)
             return 2
         return check_config(argv[1])
-    ap = argparse.ArgumentParser(prog="vipd", description="VRRP failover daemon")
+    ap = argparse.ArgumentParser(
+        prog="vipd", description="VRRP failover daemon with connection-state sync",
+        epilog="vipd check-config FILE  validates a configuration without starting")
+    ap.add_argument("--version", action="version", version=f"vipd {__version__}")
     ap.add_argument("-c", "--config", required=True)
     ap.add_argument("--control-socket", help="override node.control_socket")
     ap.add_argument("-v", "--verbose", action="store_true")
