@@ -517,11 +517,6 @@ class Node:
         if view[0] == MASTER_CODE:
             self._check_split_brain(slot, now)
 
-    def peer_gone_views(self, node_id: int) -> None:
-        """A peer restarted or was forgotten: its views no longer hold."""
-        for views in self._peer_views.values():
-            views.pop(node_id, None)
-
     def peer_master_with_link(self, slot: Slot) -> int | None:
         """A peer that says over the sync link it is master of this router and can reach
         its VLAN (its node id), or None."""

@@ -393,15 +393,9 @@ class VirtualRouter:
         goes first), not after the whole Master_Down_Interval. Only moves the
         Master_Down_Timer earlier; an advert heard meanwhile sets it back as usual, so a lost
         second channel alone never causes a takeover. True if the timer moved."""
-        if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
-            return False
         heard = self.master_heard_at if self.master_heard_at is not None else now
-        at = max(now, heard + cs_to_s(self.master_adver_interval_cs) + self.skew_time)
-        if at >= self._timers.master_down:
-            return False
-        self._timers.master_down = at
-        self.counters.fast_takeovers_armed += 1
-        return True
+        return self._take_over_by(max(
+            now, heard + cs_to_s(self.master_adver_interval_cs) + self.skew_time))
 
     def master_released(self, now: Seconds, immediate: bool) -> bool:
         """The master's node said over the sync link that it no longer serves this virtual
@@ -409,9 +403,12 @@ class VirtualRouter:
         6.4.2),
         take over after Skew_Time, or at once when no other backup can exist (`immediate`:
         a pair). True if the Master_Down_Timer moved."""
+        return self._take_over_by(now if immediate else now + self.skew_time)
+
+    def _take_over_by(self, at: Seconds) -> bool:
+        """Move an undrained backup's Master_Down_Timer earlier, to `at` (never later)."""
         if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
             return False
-        at = now if immediate else now + self.skew_time
         if at >= self._timers.master_down:
             return False
         self._timers.master_down = at

@@ -28,9 +28,7 @@ from typing import Protocol
 
 from vipd.core.sync.record import (
     RecordError,
-    carried,
     family,
-    for_create,
     key_of,
     scan,
     tuple_only,
@@ -115,7 +113,7 @@ def messages(buf: bytes) -> list[tuple[int, int, int, int, int]]:
 
 def _record(buf: bytes, off: int) -> bytes:
     """The record (create form) of the ctnetlink message at `off`."""
-    return for_create(carried(buf, off + HDR_LEN, off + NLMSG.unpack_from(buf, off)[0]))
+    return scan(buf, off + HDR_LEN, off + NLMSG.unpack_from(buf, off)[0])[0]
 
 
 class NetlinkConntrack:

@@ -274,13 +274,13 @@ class Daemon:
     def on_timer(self) -> None:
         """The node's timer came due (tests call this after moving their clock)."""
         self._timer = self._timer_at = None
-        deadline = self.node.get_timer()
-        if deadline is not None:
-            early = float(deadline) - self._clock()
+        head = self.node.next_timer()
+        if head is not None:
+            early = float(head[0]) - self._clock()
             if early > 2 * PRECISE_LEAD_S:
                 self._arm()  # woken for a deadline that has since moved later
                 return
-            if early > 0 and self.node.timer_is_takeover():
+            if early > 0 and head[1]:
                 # Armed PRECISE_LEAD_S early (see _arm); finish the wait exactly. Only the
                 # rare takeover pays this short blocking sleep, never the periodic adverts.
                 time.sleep(early)

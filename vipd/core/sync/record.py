@@ -275,14 +275,10 @@ class RecordFilter:
 
     def keep(self, record: bytes) -> bool:
         try:
-            proto, src, dst = orig_raw(record)
+            _, _, proto, src, dst, zone = scan(record, 0, len(record))
         except RecordError:
             self.dropped += 1
             return False
-        zone = 0
-        for typ, start, stop in attrs(record):
-            if typ == CTA_ZONE and stop - start >= 2:
-                zone = struct.unpack_from("!H", record, start)[0]
         return self.keep_fields(proto, src, dst, zone)
 
     def keep_fields(self, proto: int, src: bytes, dst: bytes, zone: int = 0) -> bool:

@@ -290,9 +290,6 @@ class SyncSession:
 
     # ------------------------------------------------------------ resync
 
-    def request_resync(self, p: Peer) -> None:
-        self._emit(p, RESYNC_REQUEST, 0, 0, 0, b"")
-
     def _start_resync(self, p: Peer) -> None:
         p.unacked.clear()
         p.unacked_bytes = 0
