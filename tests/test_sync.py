@@ -260,3 +260,15 @@ def test_record_filter_by_zone_and_scan_agrees_with_the_slow_path() -> None:
     assert (rec, key, (proto, src, dst), zone) == (
         for_create(carried(zoned)), key_of(zoned), orig_raw(zoned), 7)
     assert key_of(zoned) != key_of(flow(3))  # the zone is part of the identity
+
+
+def test_without_timeout_compares_two_reads_of_an_unchanged_entry() -> None:
+    from vipd.core.sync.record import without_timeout
+
+    a = make_record(IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), 6, 1, 2, timeout=300,
+                    tcp_state=3)
+    b = make_record(IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), 6, 1, 2, timeout=250,
+                    tcp_state=3)
+    c = make_record(IPv4Address("192.0.2.1"), IPv4Address("192.0.2.2"), 6, 1, 2, timeout=250,
+                    tcp_state=7)
+    assert a != b and without_timeout(a) == without_timeout(b) != without_timeout(c)

@@ -19,7 +19,7 @@ from typing import Any
 
 from vipd.config import SyncConfig
 from vipd.core.node import Node
-from vipd.core.sync.record import RecordFilter, key_of
+from vipd.core.sync.record import RecordFilter, key_of, without_timeout
 from vipd.core.sync.session import SyncSession, SyncSettings, alive_payload
 from vipd.core.sync.wire import OP_DESTROY, OP_UPDATE
 from vipd.core.timing import ms_to_s
@@ -129,11 +129,21 @@ class SyncDriver:
         self._after()
 
     async def _resync_table(self) -> None:
-        table = [r for r in await self.ct.dump() if self.filter.keep(r)]
-        present = {key_of(r) for r in table}
-        gone = [(OP_DESTROY, r) for k, r in list(self.session.internal.items())
-                if k not in present]
-        self.session.local(self.now(), [(OP_UPDATE, r) for r in table] + gone)
+        """After events were missed (an overrun, a quiet commit): dump the table and send
+        the difference with what we had: new or changed entries, and the ones gone."""
+        internal = self.session.internal
+        present: set[bytes] = set()
+        changes = []
+        for r in await self.ct.dump():
+            if not self.filter.keep(r):
+                continue
+            k = key_of(r)
+            present.add(k)
+            old = internal.get(k)
+            if old is None or without_timeout(old) != without_timeout(r):
+                changes.append((OP_UPDATE, k, r))
+        changes += [(OP_DESTROY, k, r) for k, r in internal.items() if k not in present]
+        self.session.local_keyed(self.now(), changes)
         self._after()
 
     def _on_link(self) -> None:
