@@ -90,34 +90,39 @@ class Executor:
             if slot is not None:
                 self._queue_op(slot, "repair")
         elif isinstance(act, CommitFlows):
-            self._queue.append((None, "commit"))  # in order: before the VIPs behind it
-            if self._flush is None:
-                self._flush = asyncio.ensure_future(self._run_queue())
+            self._queue_op(None, "commit")  # in order: before the VIPs behind it
         elif isinstance(act, TellPeers):
             if self.tell_peers is not None:
                 self.tell_peers()
         elif isinstance(act, ViewChanged):
             if self.set_view is not None:
                 self.set_view(act.wire_id, act.view)
-        elif isinstance(act, Transition) and self.notifier is not None:
+        elif isinstance(act, Transition):
+            self._transition(act)
+        elif isinstance(act, Alarm):
             slot = self.node.slots.get(act.key)
-            if slot is not None and self.publish is not None:
-                self.publish({"event": "transition", "router": slot.router.config.name,
-                              "vlan": slot.spec.vlan, "from": act.old, "to": act.new,
-                              "cause": act.cause, "priority": slot.router.priority,
-                              "time": time.time()})
-            if slot is not None and self.notifier.enabled:
-                c = slot.router.config
-                self.notifier.transition(c.name, slot.spec.vlan, slot.spec.interface,
-                                         c.vrid, c.family, act.old, act.new,
-                                         slot.router.priority, act.cause)
-        elif isinstance(act, Alarm) and self.notifier is not None:
-            slot = self.node.slots.get(act.key)
-            if slot is not None:
+            if slot is None:
+                return
+            if self.notifier is not None:
                 self.notifier.alarm(slot.router.config.name, act.what)
-                if self.publish is not None:
-                    self.publish({"event": "alarm", "router": slot.router.config.name,
-                                  "what": act.what, "time": time.time()})
+            if self.publish is not None:
+                self.publish({"event": "alarm", "router": slot.router.config.name,
+                              "what": act.what, "time": time.time()})
+
+    def _transition(self, act: Transition) -> None:
+        """For `vipctl events` and the notify hooks (the router logged it already)."""
+        slot = self.node.slots.get(act.key)
+        if slot is None:
+            return
+        c = slot.router.config
+        if self.publish is not None:
+            self.publish({"event": "transition", "router": c.name, "vlan": slot.spec.vlan,
+                          "from": act.old, "to": act.new, "cause": act.cause,
+                          "priority": slot.router.priority, "time": time.time()})
+        if self.notifier is not None and self.notifier.enabled:
+            self.notifier.transition(c.name, slot.spec.vlan, slot.spec.interface, c.vrid,
+                                     c.family, act.old, act.new, slot.router.priority,
+                                     act.cause)
 
     # ------------------------------------------------------------ adverts
 
@@ -158,11 +163,12 @@ class Executor:
 
     # ------------------------------------------------------------ VIPs
 
-    def _queue_op(self, slot: Slot, op: str) -> None:
+    def _queue_op(self, slot: Slot | None, op: str) -> None:
         self._queue.append((slot, op))
         if self._flush is None:
             self._flush = asyncio.ensure_future(self._run_queue())
-        self._pending[slot.key] = self._flush
+        if slot is not None:
+            self._pending[slot.key] = self._flush
 
     async def _run_queue(self) -> None:
         async with self._lock:  # the previous flush finishes first: order is kept
