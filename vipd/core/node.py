@@ -219,7 +219,8 @@ class Stats:
 
 Packet = tuple[bytes, IpMeta, Fraction]  # payload, IP metadata, reception time
 
-COARSE_S = Fraction(1, 20)  # see Node._deadline
+COARSE_PER_S = 20  # see Node._deadline
+COARSE_S = Fraction(1, COARSE_PER_S)
 
 IFA_F_SECONDARY = 0x01  # linux/if_addr.h
 IFA_F_TENTATIVE = 0x40
@@ -258,6 +259,7 @@ class Node:
         # (float deadline, deadline, takeover): floats order the heap fast; the exact
         # deadline names the bucket
         self._heap: list[tuple[float, Fraction, bool]] = []
+        self._grid: dict[int, Fraction] = {}  # coarse grid points in use, by tick
         self._by_vip: dict[IPAddress, Slot] = {}
         self._by_wire: dict[bytes, Slot] = {}
         self._released: dict[bytes, Slot] = {}  # our routers not serving, by wire id
@@ -318,7 +320,11 @@ class Node:
         if link is None:
             return
         vips = {v.ip for s in link.slots.values() if not s.owner for v in s.vips}
-        link.own = frozenset(a.ip for a, _ in addrs if a.ip not in vips)
+        own = frozenset(a.ip for a, _ in addrs if a.ip not in vips)
+        if own != link.own:
+            link.own = own
+            for receiver in link.receivers.values():
+                receiver.forget()
         for fam in (4, 6):
             link.primary[fam] = primary_address(addrs, fam, vips)
         for slot in link.slots.values():
@@ -389,8 +395,11 @@ class Node:
                 (target.drops if target is not None else link.drops[family])[got.reason] += 1
                 continue
             valid.append((got[0], got[1], got[2], at))
-        kept, superseded = newest_per_key(valid, key=lambda v: (v[0].key, v[1].src))
-        if superseded:
+        # most batches hold one advert per router: then no sender's address is hashed
+        if len({id(v[0]) for v in valid}) == len(valid):
+            kept = valid
+        else:
+            kept, superseded = newest_per_key(valid, key=lambda v: (v[0].key, v[1].src))
             link.drops[family][DropReason.SUPERSEDED] += superseded
         for slot, adv, diff, at in kept:
             self.stats.router_calls += 1
@@ -745,10 +754,11 @@ class Node:
 
     def _deadline(self, slot: Slot, now: Fraction) -> tuple[Fraction, bool] | None:
         """When to wake for the router, and whether that is a takeover to time exactly.
-        A Master_Down_Timer further away than COARSE_S is filed on a coarse grid just
-        before it: a backup's timer moves later at every advert, and the routers of one
-        master then share a few wake-ups a second instead of one each (reception times
-        differ by microseconds); when it comes near, it is filed exactly."""
+        A Master_Down_Timer whose point of the COARSE_S grid at or before it is still
+        ahead is filed on that grid point: a backup's timer moves later at every advert,
+        and the routers of one master then share a few wake-ups a second instead of one
+        each (reception times differ by microseconds); when it comes near, it is filed
+        exactly."""
         t = slot.router.get_timer()
         r = slot.retry_at
         if r is not None and (t is None or r < t):
@@ -758,8 +768,16 @@ class Node:
         md = slot.router.master_down_timer
         if md is None or not (t is md or t == md):
             return (t, False)
-        if t - now > COARSE_S:
-            return ((t // COARSE_S) * COARSE_S, False)
+        # the grid point at or before t, in whole ticks (integer arithmetic: a router is
+        # re-filed here once per Master_Down_Interval, a thousand times a second at 1000)
+        tick = t.numerator * COARSE_PER_S // t.denominator
+        if tick * now.denominator > now.numerator * COARSE_PER_S:  # grid point after now
+            at = self._grid.get(tick)
+            if at is None:
+                if len(self._grid) > 1024:
+                    self._grid.clear()
+                at = self._grid[tick] = Fraction(tick, COARSE_PER_S)
+            return (at, False)
         return (t, True)
 
     def _schedule(self, slot: Slot, now: Fraction) -> None:

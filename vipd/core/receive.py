@@ -4,7 +4,8 @@ run costs no decoding), the decoder, the checks against the router's configurati
 
 A peer sends the same bytes every interval: what passed every check before passes again,
 so accepted adverts are remembered by (payload, IP metadata) for as long as the router they
-were checked against is the one running (the caller's `current` says so).
+were checked against is the one running (the caller's `current` says so) and our own
+addresses stay the same (the caller calls `forget` when they change).
 """
 
 from __future__ import annotations
@@ -49,11 +50,11 @@ class Receiver(Generic[T]):
               lookup: Callable[[int], tuple[T, ReceiverView] | None],
               current: Callable[[T], bool]) -> Accepted[T] | Dropped[T]:
         """An accepted advert (router, advert, address difference), or Dropped."""
-        if meta.src in own:
-            return Dropped(None, DropReason.OWN_PACKET)
         memo = self._memo.get((payload, meta))
         if memo is not None and current(memo[0]):
-            return memo
+            return memo  # not from us: the memo is forgotten when our addresses change
+        if meta.src in own:
+            return Dropped(None, DropReason.OWN_PACKET)
         found = lookup(payload[1]) if len(payload) > 1 else None
         if found is None and len(payload) > 1:
             return Dropped(None, DropReason.UNKNOWN_VRID)
@@ -69,3 +70,7 @@ class Receiver(Generic[T]):
         accepted: Accepted[T] = (target, adv, diff)
         self._memo[(payload, meta)] = accepted
         return accepted
+
+    def forget(self) -> None:
+        """Our own addresses changed: what was accepted is checked afresh."""
+        self._memo.clear()

@@ -136,13 +136,35 @@ class Counters:
     vlan_silent_held: int = 0  # takeovers held: master alive on the sync link only
 
 
-@dataclass(slots=True)
 class _Timers:
-    adver: Seconds | None = None
-    master_down: Seconds | None = None
-    announce: Seconds | None = None
-    fault_retry: Seconds | None = None
-    release: Seconds | None = None
+    """A router's timers. Master_Down_Timer may be kept as (heard at, interval) and added
+    up only when read: a backup pushes it later at every advert, and the timer is read
+    a few times per Master_Down_Interval (Fraction addition is the costly part)."""
+
+    __slots__ = ("adver", "_master_down", "_md_parts", "announce", "fault_retry", "release")
+
+    def __init__(self) -> None:
+        self.adver: Seconds | None = None
+        self._master_down: Seconds | None = None
+        self._md_parts: tuple[Seconds, Seconds] | None = None
+        self.announce: Seconds | None = None
+        self.fault_retry: Seconds | None = None
+        self.release: Seconds | None = None
+
+    @property
+    def master_down(self) -> Seconds | None:
+        parts = self._md_parts
+        if parts is not None:
+            self._master_down, self._md_parts = parts[0] + parts[1], None
+        return self._master_down
+
+    @master_down.setter
+    def master_down(self, at: Seconds | None) -> None:
+        self._master_down, self._md_parts = at, None
+
+    def master_down_after(self, heard: Seconds, interval: Seconds) -> None:
+        """Master_Down_Timer = heard + interval, added up when read."""
+        self._md_parts = (heard, interval)
 
     def clear(self) -> None:
         self.adver = self.master_down = self.announce = self.fault_retry = None
@@ -182,6 +204,7 @@ class VirtualRouter:
         self._last_claim: tuple[IPAddress, Seconds] | None = None
         self._other_claim: tuple[IPAddress, Seconds] | None = None
         self._last_followed: Advert | None = None  # see heard_again
+        self._followed_peer: PeerInfo | None = None  # the peer entry it came with
         self.vlan_silent_since: Seconds | None = None  # see hold_takeover
 
     # ------------------------------------------------------------ derived values
@@ -355,8 +378,9 @@ class VirtualRouter:
         master, claimed = self.master_address, self._last_claim[0]
         if (master is not src and master != src) or (claimed is not src and claimed != src):
             return False
-        peer = self.peers.get(src)
-        if peer is None:
+        # the only peer (len is 1 above), without hashing an address object per packet
+        peer = next(iter(self.peers.values()))
+        if peer is not self._followed_peer:
             return False
         self.counters.adverts_received += 1
         if peer.first_not_link_local:  # the same advert: flagged as before, counted again
@@ -365,7 +389,7 @@ class VirtualRouter:
         peer.adverts += 1
         self._last_claim = (src, now)
         self.master_heard_at = now
-        self._timers.master_down = now + self.master_down_interval
+        self._timers.master_down_after(now, self.master_down_interval)
         return True
 
     def note_split_brain(self, now: Seconds) -> None:
@@ -506,6 +530,7 @@ class VirtualRouter:
             if (adv.priority >= self.priority or not self.config.preempt) \
                     and self.peers[adv.src].address_diff is None:
                 self._last_followed = adv
+                self._followed_peer = self.peers[adv.src]
         # else: preempt on and a lower priority master: discard (its Master_Down_Timer runs)
 
     def _master_receive(self, now: Seconds, adv: Advert, acts: list[Action]) -> None:

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vipd.core.packet import IPPROTO_VRRP, VRRP_GROUP_V4, VRRP_GROUP_V6, IPAddress, IpMeta
+from vipd.io import mmsg
+from vipd.io.mmsg import cmsgs
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -33,6 +35,7 @@ RECV_BATCH = 256
 # A 64 KiB buffer per recvmsg cost more than the rest of the receive path.
 MAX_PACKET = 60 + 8 + 255 * 16 + 8
 TOS_NETWORK_CONTROL = 0xC0
+CONTROL_SIZE = 256  # timestamp, hop limit, packet info: about 100 bytes
 
 
 class VrrpTransport(Protocol):
@@ -80,6 +83,10 @@ class VrrpSocket:
             s.close()
             raise
         self._sock = s
+        # one system call per burst (vipd.io.mmsg); recvmsg per packet where unavailable
+        self.unusual_control = 0  # packets whose control messages needed the slow parser
+        self._mmsg = None if send_only or not mmsg.available() else mmsg.MmsgReader(
+            s.fileno(), RECV_BATCH, MAX_PACKET, CONTROL_SIZE)
         self._send_args: tuple[IPAddress, list[tuple[int, int, bytes]], tuple[Any, ...]] | None \
             = None
 
@@ -92,12 +99,30 @@ class VrrpSocket:
     def recv_all(self, limit: int = RECV_BATCH) -> list[Received]:
         out: list[Received] = []
         wall_ns = time.time_ns()  # once per batch: the packets' ages are against it
+        v4 = self.family == 4
+        if self._mmsg is not None:
+            for data, control, name, _truncated in self._mmsg.read(limit):
+                fast = _usual_control(control, v4)
+                if fast is not None:  # the kernel's usual control messages, in one unpack
+                    stamp_ns, dst, hop = fast
+                    item = parse_ipv4(data) if v4 else (data, _meta6(name[8:24], dst, hop))
+                    age = (wall_ns - stamp_ns) / 1e9
+                    age = age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
+                else:
+                    self.unusual_control += 1
+                    anc = cmsgs(control)
+                    item = parse_ipv4(data) if v4 else parse_ipv6(data, anc, name[8:24])
+                    age = packet_age(anc, wall_ns)
+                if item is not None:
+                    out.append((item[0], item[1], age))
+            return out
         while len(out) < limit:
             try:
-                data, anc, _flags, addr = self._sock.recvmsg(MAX_PACKET, 256)
+                data, anc, _flags, addr = self._sock.recvmsg(MAX_PACKET, CONTROL_SIZE)
             except BlockingIOError:
                 return out
-            item = parse_ipv4(data) if self.family == 4 else parse_ipv6(data, anc, addr)
+            item = parse_ipv4(data) if v4 else parse_ipv6(
+                data, anc, socket.inet_pton(socket.AF_INET6, str(addr[0]).split("%", 1)[0]))
             if item is not None:
                 out.append((item[0], item[1], packet_age(anc, wall_ns)))
         return out
@@ -143,6 +168,34 @@ def packet_age(ancdata: list[tuple[int, int, bytes]], wall_ns: int | None = None
     return 0.0
 
 
+# What the kernel attaches to every packet here, in its order: the timestamp (socket
+# level, first), then for IPv6 the packet info and the hop limit. Header fields are checked;
+# anything else goes through the general parser (cmsgs).
+_CONTROL4 = struct.Struct("=Qiiqq")
+_CONTROL6 = struct.Struct("=Qiiqq Qii16sI4x Qiii4x")
+_HEAD4 = (32, socket.SOL_SOCKET, SO_TIMESTAMPNS)
+_HEAD6 = (32, socket.SOL_SOCKET, SO_TIMESTAMPNS, 36, socket.IPPROTO_IPV6,
+          socket.IPV6_PKTINFO, 20, socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)
+
+
+def _usual_control(control: bytes, v4: bool) -> tuple[int, bytes | None, int] | None:
+    """(kernel timestamp in ns, destination address, hop limit) when the control buffer
+    has exactly the usual layout, else None."""
+    if v4:
+        if len(control) != _CONTROL4.size:
+            return None
+        ln, lvl, typ, sec, nsec = _CONTROL4.unpack(control)
+        if (ln, lvl, typ) != _HEAD4:
+            return None
+        return sec * 1_000_000_000 + nsec, None, -1
+    if len(control) != _CONTROL6.size:
+        return None
+    f = _CONTROL6.unpack(control)
+    if (f[0], f[1], f[2], f[5], f[6], f[7], f[10], f[11], f[12]) != _HEAD6:
+        return None
+    return f[3] * 1_000_000_000 + f[4], f[8], f[13]
+
+
 def parse_ipv4(data: bytes) -> tuple[bytes, IpMeta] | None:
     """Split a raw IPv4 datagram into VRRP payload and metadata; None if not IPv4/112."""
     if len(data) < 20 or data[0] >> 4 != 4:
@@ -163,13 +216,15 @@ def _meta4(src: bytes, dst: bytes, ttl: int) -> IpMeta:
 
 
 @functools.lru_cache(maxsize=1024)
-def _meta6(src_text: str, dst: bytes | None, hop: int) -> IpMeta:
-    src = ipaddress.IPv6Address(src_text.split("%", 1)[0])
-    return IpMeta(6, src, VRRP_GROUP_V6 if dst is None else ipaddress.IPv6Address(dst), hop)
+def _meta6(src: bytes, dst: bytes | None, hop: int) -> IpMeta:
+    return IpMeta(6, ipaddress.IPv6Address(src),
+                  VRRP_GROUP_V6 if dst is None else ipaddress.IPv6Address(dst), hop)
 
 
 def parse_ipv6(data: bytes, ancdata: list[tuple[int, int, bytes]],
-               addr: tuple[object, ...]) -> tuple[bytes, IpMeta] | None:
+               src: bytes) -> tuple[bytes, IpMeta] | None:
+    """The payload and metadata of an IPv6 datagram from its source address (16 bytes)
+    and control messages (hop limit, destination)."""
     hop, dst = -1, None
     for level, ctype, cdata in ancdata:
         if level != socket.IPPROTO_IPV6:
@@ -178,7 +233,9 @@ def parse_ipv6(data: bytes, ancdata: list[tuple[int, int, bytes]],
             hop = struct.unpack("=i", cdata[:4])[0]
         elif ctype == socket.IPV6_PKTINFO and len(cdata) >= 16:
             dst = bytes(cdata[:16])
-    return data, _meta6(str(addr[0]), dst, hop)
+    if len(src) != 16:
+        return None
+    return data, _meta6(src, dst, hop)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -62,6 +63,10 @@ async def _main(cfg: Config, config_path: str, control_socket: str | None) -> in
         log.error("cannot start: %s", exc)
         await daemon.close()
         return 1
+    # The configuration, the routers and the imports live as long as the process: keep
+    # them out of the cyclic collector's full passes (each walked every object again).
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     slow_ms = os.environ.get("VIPD_SLOW_CALLBACK_MS")
     if slow_ms:  # diagnostics: asyncio logs every callback that blocks the loop longer
