@@ -389,7 +389,9 @@ class VirtualRouter:
         peer.adverts += 1
         self._last_claim = (src, now)
         self.master_heard_at = now
-        self._timers.master_down_after(now, self.master_down_interval)
+        cfg = self.config  # (not drained: the priority is the configured one)
+        self._timers.master_down_after(now, master_down_interval(
+            cfg.version, cfg.priority, self.master_adver_interval_cs))
         return True
 
     def note_split_brain(self, now: Seconds) -> None:

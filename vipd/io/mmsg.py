@@ -90,9 +90,10 @@ class MmsgReader:
         self._control_view = memoryview(self._control).cast("B")
         self._names_view = memoryview(self._names).cast("B")
 
-    def read(self, limit: int) -> list[tuple[bytes, bytes, bytes, bool]]:
+    def read(self, limit: int) -> list[tuple[bytes, memoryview, memoryview, bool]]:
         """(data, control messages, source address, truncated) per datagram; [] when
-        nothing is queued. Other errors raise OSError."""
+        nothing is queued. Other errors raise OSError. The control messages and the
+        address are views of the reader's buffers: valid until the next read."""
         n = min(limit, self.count)
         msgs = self._msgs
         for i in range(self._dirty):  # the kernel shrank these to what it wrote last time
@@ -113,8 +114,8 @@ class MmsgReader:
             d, c, a = i * ds, i * cs, i * ns
             # (the kernel writes at most the buffer sizes: only an address reports its
             # full length)
-            out.append((bytes(data[d:d + length]), bytes(control[c:c + clen]),
-                        bytes(names[a:a + min(nlen, ns)]), bool(flags & _TRUNCATED)))
+            out.append((bytes(data[d:d + length]), control[c:c + clen],
+                        names[a:a + min(nlen, ns)], bool(flags & _TRUNCATED)))
         return out
 
 
@@ -125,9 +126,10 @@ _TRUNCATED = 0x20 | 0x08  # MSG_TRUNC, MSG_CTRUNC
 _CMSG_HDR = struct.Struct("=Qii")
 
 
-def cmsgs(control: bytes) -> list[tuple[int, int, bytes]]:
+def cmsgs(control: bytes | memoryview) -> list[tuple[int, int, bytes | memoryview]]:
     """Split a control buffer into (level, type, data), as socket.recvmsg returns them."""
-    out, off, end = [], 0, len(control)
+    out: list[tuple[int, int, bytes | memoryview]] = []
+    off, end = 0, len(control)
     while off + _CMSG_HDR.size <= end:
         length, level, ctype = _CMSG_HDR.unpack_from(control, off)
         if length < _CMSG_HDR.size or off + length > end:

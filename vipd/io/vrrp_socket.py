@@ -16,6 +16,7 @@ import ipaddress
 import socket
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -28,6 +29,7 @@ SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 MAX_TRUSTED_AGE_S = 1.0  # older (or negative: the wall clock jumped): not trusted, use 0
 
 Received = tuple[bytes, IpMeta, float]
+Ancillary = tuple[int, int, "bytes | memoryview"]  # (level, type, data) of a control message
 # At most this many packets per read: a flood must not keep the loop from our own adverts
 # and timers (the reader is level-triggered, so the rest is read on the next turn).
 RECV_BATCH = 256
@@ -105,13 +107,13 @@ class VrrpSocket:
                 fast = _usual_control(control, v4)
                 if fast is not None:  # the kernel's usual control messages, in one unpack
                     stamp_ns, dst, hop = fast
-                    item = parse_ipv4(data) if v4 else (data, _meta6(name[8:24], dst, hop))
+                    item = parse_ipv4(data) if v4 else (data, _meta6(bytes(name[8:24]), dst, hop))
                     age = (wall_ns - stamp_ns) / 1e9
                     age = age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
                 else:
                     self.unusual_control += 1
-                    anc = cmsgs(control)
-                    item = parse_ipv4(data) if v4 else parse_ipv6(data, anc, name[8:24])
+                    anc: Sequence[Ancillary] = cmsgs(control)
+                    item = parse_ipv4(data) if v4 else parse_ipv6(data, anc, bytes(name[8:24]))
                     age = packet_age(anc, wall_ns)
                 if item is not None:
                     out.append((item[0], item[1], age))
@@ -156,7 +158,7 @@ def _drop_all(s: socket.socket) -> None:
     s.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)  # the kernel copies it
 
 
-def packet_age(ancdata: list[tuple[int, int, bytes]], wall_ns: int | None = None) -> float:
+def packet_age(ancdata: Sequence[Ancillary], wall_ns: int | None = None) -> float:
     """Seconds since the kernel received the packet, from its SCM_TIMESTAMPNS, against
     the wall clock `wall_ns` (read now if not given)."""
     for level, ctype, cdata in ancdata:
@@ -178,7 +180,7 @@ _HEAD6 = (32, socket.SOL_SOCKET, SO_TIMESTAMPNS, 36, socket.IPPROTO_IPV6,
           socket.IPV6_PKTINFO, 20, socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT)
 
 
-def _usual_control(control: bytes, v4: bool) -> tuple[int, bytes | None, int] | None:
+def _usual_control(control: bytes | memoryview, v4: bool) -> tuple[int, bytes | None, int] | None:
     """(kernel timestamp in ns, destination address, hop limit) when the control buffer
     has exactly the usual layout, else None."""
     if v4:
@@ -221,7 +223,7 @@ def _meta6(src: bytes, dst: bytes | None, hop: int) -> IpMeta:
                   VRRP_GROUP_V6 if dst is None else ipaddress.IPv6Address(dst), hop)
 
 
-def parse_ipv6(data: bytes, ancdata: list[tuple[int, int, bytes]],
+def parse_ipv6(data: bytes, ancdata: Sequence[Ancillary],
                src: bytes) -> tuple[bytes, IpMeta] | None:
     """The payload and metadata of an IPv6 datagram from its source address (16 bytes)
     and control messages (hop limit, destination)."""
