@@ -49,17 +49,48 @@ def test_examples_load(name: str) -> None:
     assert cfg.vlans and all(v.instances for v in cfg.vlans)
 
 
-def test_all_active_is_refused_by_the_one_verdict_check_config_and_daemon_share(
-        capsys: pytest.CaptureFixture[str]) -> None:
-    # Defect 6.9: check-config said ok while the daemon refused the mode.
+def test_all_active_example_loads_with_one_bucket_router_each(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from vipd.config import router_specs
     from vipd.daemon import check_config
 
+    cfg = load(CONFIGS / "all-active.yaml")
+    assert cfg.mode is Mode.ALL_ACTIVE and cfg.cluster is not None
+    assert [v.multicast_mac for v in cfg.vlans] == ["03:00:5e:00:01:01", "03:00:5e:00:01:02"]
+    specs = router_specs(cfg)
+    assert [s.bucket for s in specs] == list(range(16))
+    assert {s.config.vrid for s in specs} == set(range(240, 256))
+    assert all(s.interface == "lanA" and s.vips == () for s in specs)
+    # r1 is first for 6 of 16 buckets (r2, r3: 5 each): priority 250 on those
+    assert sum(s.config.priority == 250 for s in specs) == 6
+    key = tmp_path / "sync.key"
+    key.write_bytes(b"k" * 32)
+    key.chmod(0o600)
+    conf = tmp_path / "all-active.yaml"
+    conf.write_text((CONFIGS / "all-active.yaml").read_text().replace(
+        "/etc/vipd/sync.key", str(key)))
+    assert check_config(str(conf)) == 0
+    assert "r1 6, r2 5, r3 5" in capsys.readouterr().out
+
+
+def test_all_active_errors() -> None:
+    base = (CONFIGS / "all-active.yaml").read_text()
     with pytest.raises(ConfigError) as ei:
-        load(CONFIGS / "all-active.yaml")
+        loads(base.replace("members: [r1, r2, r3]", "members: [r2, r3]")
+              .replace("buckets: 16", "buckets: 20\n  vrid_base: 240")
+              .replace('multicast_mac: "03:00:5e:00:01:01"', 'multicast_mac: "02:00:00:00:00:01"'))
     assert ei.value.errors == [
-        "mode: 'all-active' is not implemented by this vipd yet (issue #10)"]
-    assert check_config(str(CONFIGS / "all-active.yaml")) == 1
-    assert "not implemented" in capsys.readouterr().err
+        "vlans[0].multicast_mac: '02:00:00:00:00:01' is not a multicast MAC address "
+        "(first octet odd)",
+        "cluster.members: ['r2', 'r3'] does not list this node (r1)",
+        "cluster.vrid_base: 240 leaves no room for 20 buckets (VRIDs 240 to 259)"]
+    with pytest.raises(ConfigError) as ei:
+        loads(base.split("sync:")[0])
+    assert ei.value.errors == [
+        "sync: None is required in all-active mode (connection state follows the buckets)"]
+    with pytest.raises(ConfigError) as ei:
+        loads(GOOD + "cluster: {members: [r1, r2]}\n")
+    assert ei.value.errors == ["cluster: '...' is only used in all-active mode"]
 
 
 def test_advertise_link_local_off_sends_only_the_configured_ipv6_vips() -> None:

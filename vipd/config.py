@@ -97,6 +97,22 @@ class VlanConfig:
     name: str
     interface: str
     instances: tuple[InstanceConfig, ...]
+    # all-active: the VLAN's shared VIPs and the multicast MAC that ARP answers with
+    vips: tuple[IPInterface, ...] = ()
+    multicast_mac: str = ""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """all-active: the members, the buckets and their election (vipd.core.cluster)."""
+
+    members: tuple[str, ...]
+    buckets: int = 16
+    vrid_base: int = 240
+    advert_interval_cs: int = 100
+    election_vlan: str = ""  # the first VLAN's name when not given
+    seed: bytes = b"vipd"
+    queue: int = 7100  # NFQUEUE number for the first packet of each connection
 
 
 PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "sctp": 132, "dccp": 33,
@@ -165,6 +181,7 @@ class Config:
     sync: SyncConfig | None = None
     source: str = field(default="", compare=False)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
+    cluster: ClusterConfig | None = None
 
 
 def virtual_mac(vrid: int, family: int) -> str:
@@ -222,8 +239,44 @@ def link_local_vips(inst: InstanceConfig) -> tuple[IPInterface, ...]:
     return tuple(vips)
 
 
+def default_multicast_mac(index: int) -> str:
+    """A locally administered multicast MAC per VLAN (03:...): IGMP snooping leaves it
+    alone (it is not 01:00:5e), so switches flood it to every port of the VLAN."""
+    return f"03:00:5e:00:01:{index + 1:02x}"
+
+
+def election_vlan(cfg: Config) -> VlanConfig:
+    assert cfg.cluster is not None
+    return next((v for v in cfg.vlans if v.name == cfg.cluster.election_vlan), cfg.vlans[0])
+
+
+def cluster_specs(cfg: Config) -> list[RouterSpec]:
+    """all-active: one virtual router per bucket on the election VLAN. They hold no VIPs
+    (the VLANs' VIPs are on every member); being master of one means owning the bucket.
+    The advert lists the election VLAN's first VIP (of the family elections run in)."""
+    from vipd.core.cluster import bucket_priority
+
+    cl = cfg.cluster
+    assert cl is not None
+    vlan = election_vlan(cfg)
+    first = min(vlan.vips, key=lambda v: v.version)
+    specs = []
+    for b in range(cl.buckets):
+        rc = RouterConfig(
+            name=f"bucket {b}", vrid=cl.vrid_base + b, family=first.version, version=3,
+            priority=bucket_priority(cl.members, cfg.node.name, b),
+            advert_interval_cs=cl.advert_interval_cs,
+            addresses=((virtual_link_local(cl.vrid_base + b).ip, first.ip)
+                       if first.version == 6 else (first.ip,)),
+            preempt=True, accept_mode=True, garp_count=0)
+        specs.append(RouterSpec(vlan.name, vlan.interface, rc, (), bucket=b))
+    return specs
+
+
 def router_specs(cfg: Config) -> list[RouterSpec]:
     """Every virtual router of the configuration, as the node core takes them."""
+    if cfg.cluster is not None:
+        return cluster_specs(cfg)
     specs = []
     for vlan in cfg.vlans:
         for inst in vlan.instances:
@@ -480,7 +533,7 @@ def _checksum(v: object) -> ChecksumVariant:
 def parse(data: object, source: str = "") -> Config:
     """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
     p = _Parser()
-    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify"})
+    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify", "cluster"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
                                                         "control_socket_mode",
                                                         "realtime_priority"})
@@ -498,10 +551,7 @@ def parse(data: object, source: str = "") -> Config:
     # VLAN of the node on one fault; that must be a choice, not a default.
     mode = p.get("", top, "mode", lambda v: Mode(v),
                  "is not single-active, per-vlan-active or all-active", required=True)
-    if mode is Mode.ALL_ACTIVE:
-        # One verdict for check-config, start and reload alike.
-        # TODO(#10): all-active load sharing; until then it is refused, never pretended.
-        p.err("mode", "all-active", "is not implemented by this vipd yet (issue #10)")
+    all_active = mode is Mode.ALL_ACTIVE
     vlans: list[VlanConfig] = []
     raw_vlans = top.get("vlans")
     if not isinstance(raw_vlans, list) or not raw_vlans:
@@ -509,13 +559,26 @@ def parse(data: object, source: str = "") -> Config:
         raw_vlans = []
     for i, rv in enumerate(raw_vlans):
         path = f"vlans[{i}]"
-        m = p.mapping(path, rv, {"name", "interface", "instances"})
+        m = p.mapping(path, rv, {"name", "interface", "instances", "vips", "multicast_mac"}
+                      if all_active else {"name", "interface", "instances"})
         if not m:
             continue
         name = p.get(path, m, "name", _label, "is not a VLAN name", required=True)
         ifname = p.get(path, m, "interface", _name, "is not an interface name", required=True)
         insts: list[InstanceConfig] = []
         raw_insts = m.get("instances")
+        if all_active:
+            # every member holds the VLAN's VIPs: no instance, no VRID of its own
+            if raw_insts is not None:
+                p.err(f"{path}.instances", "...", "are not used in all-active mode (list the "
+                      "VLAN's vips; buckets are elected in the cluster section)")
+            vips = p.get(path, m, "vips", _vip_list, "is not a non-empty list of "
+                         "addresses with prefix length", required=True) or ()
+            mac = p.opt(path, m, "multicast_mac", _multicast_mac, "is not a multicast MAC "
+                        "address (first octet odd)", default_multicast_mac(i))
+            if name and ifname and vips:
+                vlans.append(VlanConfig(name, ifname, (), tuple(vips), mac))
+            continue
         if not isinstance(raw_insts, list) or not raw_insts:
             p.err(f"{path}.instances", raw_insts, "is not a non-empty list")
             raw_insts = []
@@ -578,6 +641,14 @@ def parse(data: object, source: str = "") -> Config:
         if s_if and s_local and key_file:
             sync = SyncConfig(s_if, s_local, tuple(peers), port, key_file, node_id, alive_ms,
                               protocols, ignore, zones, on_silent)
+    cluster = None
+    if all_active:
+        cluster = _parse_cluster(p, top.get("cluster"), node.name, vlans)
+        if sync is None:
+            p.err("sync", None, "is required in all-active mode (connection state follows "
+                  "the buckets)")
+    elif "cluster" in top:
+        p.err("cluster", "...", "is only used in all-active mode")
     notify = NotifyConfig()
     if "notify" in top:
         nm = p.mapping("notify", top["notify"], {*NOTIFY_EVENTS, "timeout"})
@@ -592,7 +663,67 @@ def parse(data: object, source: str = "") -> Config:
         notify = NotifyConfig(tuple(cmds), timeout)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
-    return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source, notify)
+    return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source, notify,
+                  cluster)
+
+
+def _vip_list(v: object) -> tuple[IPInterface, ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(v)
+    return tuple(_vip(x) for x in v)
+
+
+def _multicast_mac(v: object) -> str:
+    if not isinstance(v, str) or not re.fullmatch(r"([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}", v):
+        raise ValueError(v)
+    if not int(v[:2], 16) & 1:
+        raise ValueError(v)
+    return v.lower()
+
+
+def _parse_cluster(p: _Parser, raw: object, me: str,
+                   vlans: list[VlanConfig]) -> ClusterConfig | None:
+    from vipd.core.cluster import MAX_BUCKETS, MAX_MEMBERS
+
+    if raw is None:
+        p.err("cluster", None, "is required in all-active mode (members at least)")
+        return None
+    cm = p.mapping("cluster", raw, {"members", "buckets", "vrid_base", "advert_interval",
+                                    "election_vlan", "seed", "queue"})
+    members = cm.get("members")
+    if (not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS
+            or not all(isinstance(x, str) and x for x in members)
+            or len(set(members)) != len(members)):
+        p.err("cluster.members", members, f"is not a list of 2 to {MAX_MEMBERS} distinct "
+              "node names")
+        return None
+    if me not in members:
+        p.err("cluster.members", members, f"does not list this node ({me})")
+    buckets = p.opt("cluster", cm, "buckets", _int_in(2, MAX_BUCKETS),
+                    f"is not a bucket count (2 to {MAX_BUCKETS})", 16)
+    base = p.opt("cluster", cm, "vrid_base", _int_in(1, 255), "is not a VRID", 256 - buckets)
+    if base + buckets - 1 > 255:
+        p.err("cluster.vrid_base", base, f"leaves no room for {buckets} buckets (VRIDs "
+              f"{base} to {base + buckets - 1})")
+    interval = p.opt("cluster", cm, "advert_interval", parse_duration_ms, "is not a duration",
+                     1000)
+    if not 10 <= interval <= 40_950 or interval % 10:
+        p.err("cluster.advert_interval", cm.get("advert_interval"),
+              "is not 10 ms to 40.95 s in whole centiseconds")
+    names = [v.name for v in vlans]
+    ev = p.opt("cluster", cm, "election_vlan", _label, "is not a VLAN name",
+               names[0] if names else "")
+    if names and ev not in names:
+        p.err("cluster.election_vlan", ev, "is not one of the VLANs")
+    seed = p.opt("cluster", cm, "seed", lambda v: str(v).encode() if isinstance(
+        v, (str, int)) and not isinstance(v, bool) else _fail(v), "is not a string or integer",
+        b"vipd")
+    queue = p.opt("cluster", cm, "queue", _int_in(0, 65535), "is not an NFQUEUE number", 7100)
+    return ClusterConfig(tuple(members), buckets, base, interval // 10, ev, seed[:64], queue)
+
+
+def _fail(v: object) -> bytes:
+    raise ValueError(v)
 
 
 def _bounded(errors: list[str]) -> list[str]:

@@ -18,6 +18,14 @@ def check_config(path: str) -> int:
         for line in exc.errors:
             print(f"{path}: {line}", file=sys.stderr)
         return 1
+    if cfg.cluster is not None:
+        from vipd.core.cluster import preferred_shares
+
+        shares = preferred_shares(cfg.cluster.members, cfg.cluster.buckets)
+        print(f"{path}: ok ({len(cfg.vlans)} VLANs, {cfg.cluster.buckets} buckets, "
+              f"{cfg.mode.value}; preferred buckets per member: "
+              + ", ".join(f"{m} {n}" for m, n in shares.items()) + ")")
+        return 0
     routers = sum(len(i.families()) for v in cfg.vlans for i in v.instances)
     print(f"{path}: ok ({len(cfg.vlans)} VLANs, {routers} virtual routers, {cfg.mode.value})")
     return 0

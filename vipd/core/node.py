@@ -140,6 +140,7 @@ class RouterSpec:
     config: RouterConfig
     vips: tuple[IPInterface, ...]
     virtual_mac: bool = False
+    bucket: int | None = None  # all-active: master of this router = owner of the bucket
 
     @property
     def key(self) -> Key:
@@ -160,6 +161,10 @@ class Slot:
     installing: bool = False  # an install of its VIPs was asked and not yet answered
     announce_after_install: bool = False
     retry_at: Fraction | None = None  # a failed install is tried again then
+    # all-active: a bucket won while a peer still says it owns it waits for the peer's
+    # release (its view over the sync link) until then, so no two members own it at once
+    release_wait: Fraction | None = None
+    released_view_due: bool = False  # its view goes out once the removal is applied
     vips_repaired: int = 0
     armed: tuple[Fraction, bool] | None = None  # the timer bucket it is filed in
     advert: tuple[tuple[int, int, IPAddress], bytes] | None = None  # the last one encoded
@@ -243,8 +248,11 @@ def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
 
 class Node:
     def __init__(self, specs: Iterable[RouterSpec], mode: str,
-                 commit_before_vips: bool = False) -> None:
+                 commit_before_vips: bool = False, watch: Iterable[str] = ()) -> None:
         self.mode = mode
+        # all-active: interfaces with no router of their own whose loss drains every
+        # router of the node (the VLANs the buckets' traffic crosses)
+        self.watched = tuple(watch)
         # connection-state sync: a takeover commits the peers' flows before its VIPs go up
         self.commit_before_vips = commit_before_vips
         self._commit_asked = False
@@ -269,6 +277,10 @@ class Node:
         # that it is master and reaches the VLAN: "takeover" (RFC 9568) or "hold"
         self.on_vlan_silent = "takeover"
         self._install(make_slot(s) for s in specs)
+        for name in self.watched:
+            self.links.setdefault(name, Link(name))
+        self.release_waits = 0  # buckets taken after waiting for the previous owner
+        self.release_timeouts = 0  # ... of which the previous owner never said so
 
     # ------------------------------------------------------------ queries
 
@@ -338,6 +350,11 @@ class Node:
         link.up = up
         for slot in link.slots.values():
             self._follow_link(now, slot)
+        if ifname in self.watched and self.mode == "all-active":
+            was = self.policy.active
+            self.policy.link(ifname, up)
+            if self.policy.active != was:
+                self._drain_group(now, self.policy.active)
 
     def set_vmac(self, now: Fraction, key: Key, ready: bool) -> None:
         """A router's virtual-MAC link was made (or vanished with its parent)."""
@@ -427,8 +444,13 @@ class Node:
             return  # replaced by a reload and done
         if slot.retry_at is not None and now >= slot.retry_at:
             slot.retry_at = None
-            if slot.router.state is State.MASTER and not slot.installing:
-                self._ask_install(slot)
+            if slot.release_wait is not None:  # the previous owner never said it let go
+                slot.release_wait = None
+                if slot.router.state is State.MASTER:
+                    self.release_timeouts += 1
+                    self._actions.append(SetVips(slot.key, True))
+            elif slot.router.state is State.MASTER and not slot.installing:
+                self._ask_install(slot, now)
         deadline = slot.router.get_timer()
         if deadline is None or deadline > now:
             self._schedule(slot, now)  # woken before its deadline (moved later, or coarse)
@@ -462,6 +484,9 @@ class Node:
         if slot is None:
             return
         if not present:
+            if slot.released_view_due:  # a bucket given up: now the peers may take it
+                slot.released_view_due = False
+                self._actions.append(self._view(slot, slot.router.state.value))
             return  # a failed removal is logged by the executor; nothing to decide here
         slot.installing = False
         if not ok:
@@ -524,7 +549,18 @@ class Node:
         views = self._peer_views.setdefault(wid, {})
         views[node_id] = view
         if view[0] == MASTER_CODE:
-            self._check_split_brain(slot, now)
+            if slot.spec.bucket is None:
+                self._check_split_brain(slot, now)
+        elif slot.release_wait is not None and self.peer_master_with_link(slot) is None:
+            self.forget_release_wait(slot)
+
+    def forget_release_wait(self, slot: Slot) -> None:
+        """The previous owner let go of the bucket (or is gone): own it now."""
+        if slot.release_wait is None:
+            return
+        slot.release_wait = slot.retry_at = None
+        if slot.router.state is State.MASTER:
+            self._actions.append(SetVips(slot.key, True))
 
     def peer_master_with_link(self, slot: Slot) -> int | None:
         """A peer that says over the sync link it is master of this router and can reach
@@ -628,8 +664,13 @@ class Node:
         self._install(plan.slots.values(), old_links)
         self._released = {s.wire_id: s for s in self.slots.values()
                           if s.router.state is State.FAULT or s.router.drains}
+        links_down = self.policy.links_down
         self.policy = GroupPolicy(self.mode, (k for k, s in self.slots.items()
                                               if s.router.state is State.FAULT))
+        for name in self.watched:
+            old = old_links.get(name)
+            self.links.setdefault(name, old if old is not None else Link(name))
+        self.policy.links_down = links_down & set(self.watched)
         if self.policy.active != was_active:
             self._drain_group(now, self.policy.active)
 
@@ -686,11 +727,13 @@ class Node:
                     cached = slot.advert = (fields, encode_advert(slot.router.config, act, src))
                 out.append(Send(key, cached[1], src))
             elif isinstance(act, AddVips):
-                self._ask_install(slot)
+                self._ask_install(slot, now)
             elif isinstance(act, RemoveVips):
                 if not slot.owner:  # never remove the owner's real address
                     slot.installing = False
                     slot.announce_after_install = False
+                    if slot.release_wait is not None:  # never took it: nothing to remove
+                        slot.release_wait = slot.retry_at = None
                     out.append(SetVips(key, False))
             elif isinstance(act, Announce):
                 if slot.installing:  # announced once the VIPs are in the kernel
@@ -718,11 +761,14 @@ class Node:
         fault, maintenance); when a master joins it, the peers are told at once. Our view
         of the router goes to the peers too, and a new master of ours is checked against
         theirs (split brain)."""
-        r = slot.router
         if self.commit_before_vips:  # sync runs: the peers follow our views
-            self._actions.append(ViewChanged(slot.wire_id, bytes(
-                [STATE_CODES[new], r.priority, 1 if r.link_up else 0])))
-            if new == State.MASTER.value:
+            if slot.spec.bucket is not None and old == State.MASTER.value:
+                # a bucket is given up when its rules are out of the kernel: the member
+                # waiting for it (release_wait) must not own it a moment earlier
+                slot.released_view_due = True
+            else:
+                self._actions.append(self._view(slot, new))
+            if new == State.MASTER.value and slot.spec.bucket is None:
                 self._check_split_brain(slot)
         serving = new == State.MASTER.value or (new == State.BACKUP.value
                                                 and not slot.router.drains)
@@ -733,11 +779,34 @@ class Node:
         if old == State.MASTER.value:
             self._actions.append(TellPeers())
 
-    def _ask_install(self, slot: Slot) -> None:
+    def _owner_alive(self, slot: Slot, now: Fraction) -> bool:
+        """A peer says over the sync link that it owns the bucket, and some master was
+        heard on the LAN within Master_Down_Interval (a dead owner's view is stale: its
+        buckets are taken without waiting)."""
+        if self.peer_master_with_link(slot) is None:
+            return False
+        r = slot.router
+        mdi = r.master_down_interval
+        return any(p.priority > 0 and now - p.last_heard <= mdi for p in r.peers.values())
+
+    def _view(self, slot: Slot, state: str) -> ViewChanged:
+        r = slot.router
+        return ViewChanged(slot.wire_id, bytes([STATE_CODES[state], r.priority,
+                                                1 if r.link_up else 0]))
+
+    def _ask_install(self, slot: Slot, now: Fraction) -> None:
         slot.installing = True
         if self.commit_before_vips and not self._commit_asked:
             self._commit_asked = True  # one commit serves every takeover queued behind it
             self._actions.append(CommitFlows())
+        if slot.spec.bucket is not None and self._owner_alive(slot, now):
+            # a preemption, or the owner lost a link: it is alive and still owns the
+            # bucket; take it when it says (over the sync link) that it let go, or after
+            # 3 intervals
+            self.release_waits += 1
+            slot.release_wait = slot.retry_at = now + 3 * slot.router.advertisement_interval
+            self._schedule(slot, now)
+            return
         self._actions.append(SetVips(slot.key, True))
 
     def _drain_group(self, now: Fraction, on: bool,

@@ -4,7 +4,9 @@ single-active: the node is active for every VLAN or for none. One router in FAUL
 interface down, or it could not hold its VIPs) drains every other router of the node, so the
 peer takes all VLANs at once and traffic through a stateful firewall stays symmetric.
 per-vlan-active: each VLAN's election stands alone.
-all-active: TODO(#10) load sharing is not implemented; vipd.config refuses the mode.
+all-active: the routers are the buckets (vipd.core.cluster) and move together like
+single-active: a member that loses any of its VLANs (`link`) or faults one bucket gives up
+every bucket, since a connection's packets cross several VLANs and must meet one member.
 
 Incremental: a transition costs O(1); only when the group fault starts or ends does every
 router of the node need telling (once, O(routers)), never on every transition.
@@ -23,11 +25,21 @@ class GroupPolicy:
     def __init__(self, mode: str, faulted: Iterable[Hashable] = ()) -> None:
         self.mode = mode
         self.faulted: set[Hashable] = set(faulted)
+        self.links_down: set[str] = set()  # watched links (all-active) that are down
 
     @property
     def active(self) -> bool:
-        """True while the other routers of the node should drain (single-active only)."""
-        return self.mode == "single-active" and bool(self.faulted)
+        """True while the other routers of the node should drain (single-active and
+        all-active)."""
+        return self.mode in ("single-active", "all-active") and bool(
+            self.faulted or self.links_down)
+
+    def link(self, name: str, up: bool) -> None:
+        """A watched link (one without routers of its own) went up or down."""
+        if up:
+            self.links_down.discard(name)
+        else:
+            self.links_down.add(name)
 
     def note(self, key: Hashable, old: str, new: str) -> None:
         """Record one router's transition (O(1)); compare `active` before and after."""

@@ -38,6 +38,7 @@ RECV_BATCH = 256
 MAX_PACKET = 60 + 8 + 255 * 16 + 8
 TOS_NETWORK_CONTROL = 0xC0
 CONTROL_SIZE = 256  # timestamp, hop limit, packet info: about 100 bytes
+MMSG_BATCH = 64  # datagrams per recvmmsg call (its buffers: 64 x MAX_PACKET per socket)
 
 
 class VrrpTransport(Protocol):
@@ -88,7 +89,7 @@ class VrrpSocket:
         # one system call per burst (vipd.io.mmsg); recvmsg per packet where unavailable
         self.unusual_control = 0  # packets whose control messages needed the slow parser
         self._mmsg = None if send_only or not mmsg.available() else mmsg.MmsgReader(
-            s.fileno(), RECV_BATCH, MAX_PACKET, CONTROL_SIZE)
+            s.fileno(), MMSG_BATCH, MAX_PACKET, CONTROL_SIZE)
         self._send_args: tuple[IPAddress, list[tuple[int, int, bytes]], tuple[Any, ...]] | None \
             = None
 
@@ -103,20 +104,10 @@ class VrrpSocket:
         wall_ns = time.time_ns()  # once per batch: the packets' ages are against it
         v4 = self.family == 4
         if self._mmsg is not None:
-            for data, control, name, _truncated in self._mmsg.read(limit):
-                fast = _usual_control(control, v4)
-                if fast is not None:  # the kernel's usual control messages, in one unpack
-                    stamp_ns, dst, hop = fast
-                    item = parse_ipv4(data) if v4 else (data, _meta6(bytes(name[8:24]), dst, hop))
-                    age = (wall_ns - stamp_ns) / 1e9
-                    age = age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
-                else:
-                    self.unusual_control += 1
-                    anc: Sequence[Ancillary] = cmsgs(control)
-                    item = parse_ipv4(data) if v4 else parse_ipv6(data, anc, bytes(name[8:24]))
-                    age = packet_age(anc, wall_ns)
-                if item is not None:
-                    out.append((item[0], item[1], age))
+            while len(out) < limit:
+                got = self._mmsg_batch(limit - len(out), wall_ns, v4, out)
+                if got < MMSG_BATCH:
+                    break
             return out
         while len(out) < limit:
             try:
@@ -128,6 +119,26 @@ class VrrpSocket:
             if item is not None:
                 out.append((item[0], item[1], packet_age(anc, wall_ns)))
         return out
+
+    def _mmsg_batch(self, limit: int, wall_ns: int, v4: bool, out: list[Received]) -> int:
+        """One recvmmsg call: what it read goes to `out`; returns how many datagrams."""
+        assert self._mmsg is not None
+        batch = self._mmsg.read(min(limit, MMSG_BATCH))
+        for data, control, name, _truncated in batch:
+            fast = _usual_control(control, v4)
+            if fast is not None:  # the kernel's usual control messages, in one unpack
+                stamp_ns, dst, hop = fast
+                item = parse_ipv4(data) if v4 else (data, _meta6(bytes(name[8:24]), dst, hop))
+                age = (wall_ns - stamp_ns) / 1e9
+                age = age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
+            else:
+                self.unusual_control += 1
+                anc: Sequence[Ancillary] = cmsgs(control)
+                item = parse_ipv4(data) if v4 else parse_ipv6(data, anc, bytes(name[8:24]))
+                age = packet_age(anc, wall_ns)
+            if item is not None:
+                out.append((item[0], item[1], age))
+        return len(batch)
 
     def send(self, payload: bytes, src: IPAddress) -> None:
         # the control message and destination are the same every time for one source
