@@ -270,3 +270,23 @@ def sync_status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
     if out.returncode not in (0, 1):
         raise LabError(f"vipctl sync on {speaker.router}: {out.stderr}")
     return dict(json.loads(out.stdout))
+
+
+TRIO = Path(__file__).resolve().parent / "topologies" / "trio.yaml"
+
+
+def cluster_config(lab: Lab, router: str, interval_ms: int = 100,
+                   buckets: int = 16) -> dict[str, Any]:
+    """An all-active configuration for a router of the trio topology: every VLAN's VIP
+    (network + 1) shared, buckets elected on lanA, sync over sync0."""
+    vlans = [{"name": v, "interface": v, "vips": [str(lab.topo.vip(v))]}
+             for v in lab.topo.vlans]
+    return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
+            "mode": "all-active",
+            "cluster": {"members": sorted(lab.topo.routers), "buckets": buckets,
+                        "advert_interval": f"{interval_ms}ms", "seed": "lab"},
+            "vlans": vlans, "sync": sync_section(lab, router)}
+
+
+def cluster_status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
+    return dict(status(lab, speaker)["cluster"])

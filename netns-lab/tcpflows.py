@@ -70,6 +70,8 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
     last: dict[int, float] = {}
     stall: dict[int, float] = {}
     broken: set[int] = set()
+    sent: dict[int, int] = {}
+    got: dict[int, int] = {}
     socks = {}
     for i in range(flows):
         if udp:
@@ -82,6 +84,7 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
         sel.register(s, selectors.EVENT_READ, i)
         last[i] = time.monotonic()
         stall[i] = 0.0
+        sent[i] = got[i] = 0
     end = time.monotonic() + seconds
     next_send = time.monotonic()
     while not stop and time.monotonic() < end:
@@ -91,6 +94,7 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
                 if i not in broken:
                     try:
                         s.send(b"vipdflow")
+                        sent[i] += 1
                     except BlockingIOError:
                         pass
                     except OSError:
@@ -114,6 +118,7 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
             now = time.monotonic()
             stall[i] = max(stall[i], now - last[i])
             last[i] = now
+            got[i] += len(data) // 8 if udp else 0
     now = time.monotonic()
     stalled = [i for i in socks if i not in broken and now - last[i] > 3.0]
     per_flow = sorted(max(stall[i], now - last[i]) * 1000 for i in socks)
@@ -123,7 +128,10 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
                       # time until its first round trip through the new master
                       "stall_ms_min_median_max": [round(per_flow[0], 1),
                                                   round(per_flow[len(per_flow) // 2], 1),
-                                                  round(per_flow[-1], 1)] if per_flow else []
+                                                  round(per_flow[-1], 1)] if per_flow else [],
+                      # UDP: echoes beyond the datagrams sent (a packet forwarded twice)
+                      "duplicates": sum(max(0, got[i] - sent[i]) for i in socks),
+                      "ports": [socks[i].getsockname()[1] for i in sorted(socks)],
                       }))
     for s in socks.values():
         s.close()

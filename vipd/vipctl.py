@@ -43,6 +43,20 @@ def render(status: dict[str, Any]) -> str:
              f"{level}  up {status['uptime_s']:.0f} s"]
     for p in status["problems"]:
         lines.append(f"  ! {p}")
+    cl = status.get("cluster")
+    if cl:
+        lines.append("")
+        lines.append(f"all-active: members {', '.join(cl['members'])}; this node owns "
+                     f"{len(cl['owned'])} of {cl['buckets']} buckets, "
+                     f"{cl['accepted_packets'] or 0} packets taken")
+        for v in cl["vlans"]:
+            lines.append(f"  {v['name']} / {v['interface']}: {', '.join(v['vips'])} "
+                         f"answered with {v['multicast_mac']}")
+        lines.append(f"  {'bucket':>6} {'state':<7} {'owner':<22} {'packets':>10}")
+        for b in cl["table"]:
+            owner = (b["owner"] or "-") + (" (waiting)" if b["waiting_for_release"] else "")
+            pk = "-" if b["packets"] is None else str(b["packets"])
+            lines.append(f"  {b['bucket']:>6} {b['state']:<7} {owner:<22} {pk:>10}")
     for i in status["instances"]:
         lt = i["last_transition"]
         if i["master_is_self"]:

@@ -84,6 +84,8 @@ class Commands:
             snap["control"] = dict(d._control.stats)
         if d.notifier.enabled:
             snap["notify"] = dict(d.notifier.stats)
+        if d.cfg.cluster is not None:
+            snap["cluster"] = self._cluster(d)
         if d.sync is not None:
             ss = d.sync.session
             snap["sync"] = {"ready": d.sync.ready_latched,
@@ -93,6 +95,38 @@ class Commands:
                                                    for p in ss.peers.values()),
                             "peers": len(ss.peers)}
         return snap
+
+    @staticmethod
+    def _cluster(d: Any) -> dict[str, Any]:
+        """all-active: members, which member owns each bucket (this node, or the master's
+        address as heard), and packets per bucket (frames to the cluster MACs reaching
+        this member, from the kernel's counters, read once a second)."""
+        cl = d.cfg.cluster
+        counts = d.cluster_counters
+        table = []
+        for slot in d.node.slots.values():
+            b = slot.spec.bucket
+            if b is None:
+                continue
+            r = slot.router
+            mine = r.state.value == "MASTER"
+            table.append({"bucket": b, "state": r.state.value,
+                          "owner": "self" if mine else (str(r.master_address)
+                                                        if r.master_address else None),
+                          "in_kernel": b in d.executor.owned,
+                          "waiting_for_release": slot.release_wait is not None,
+                          "packets": counts.get(str(b))})
+        table.sort(key=lambda x: x["bucket"])
+        return {"members": list(cl.members), "buckets": cl.buckets,
+                "owned": sorted(d.executor.owned),
+                "accepted_packets": counts.get("accepted"),
+                "classified_connections": getattr(d.cluster, "classified", None),
+                "release_waits": d.node.release_waits,
+                "release_timeouts": d.node.release_timeouts,
+                "vlans": [{"name": v.name, "interface": v.interface,
+                           "multicast_mac": v.multicast_mac,
+                           "vips": [str(x) for x in v.vips]} for v in d.cfg.vlans],
+                "table": table}
 
     def _static_of(self, slot: Slot) -> dict[str, Any]:
         """The configuration's part of a router's status, built once per router."""

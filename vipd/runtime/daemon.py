@@ -20,9 +20,19 @@ from fractions import Fraction
 from math import ceil
 from typing import Any
 
-from vipd.config import Config, ConfigError, SyncConfig, load, load_sync_key, router_specs
+from vipd.config import (
+    Config,
+    ConfigError,
+    IPInterface,
+    SyncConfig,
+    election_vlan,
+    load,
+    load_sync_key,
+    router_specs,
+)
 from vipd.core.node import Key, Node, Slot
 from vipd.io.announce import Announcer
+from vipd.io.cluster import ClusterPlane, ClusterVlan
 from vipd.io.conntrack import Conntrack
 from vipd.io.control import ControlServer
 from vipd.io.hold import Hold
@@ -63,8 +73,12 @@ class Daemon:
                  accept_guard: AcceptGuard | None = None,
                  lock: InstanceLock | None = None,
                  sync_adapters: Callable[[], tuple[Conntrack, SyncLink]] | None = None,
-                 hold: Hold | None = None) -> None:
+                 hold: Hold | None = None,
+                 cluster: ClusterPlane | None = None) -> None:
         self.cfg = cfg
+        self.cluster = cluster  # all-active data plane (None: the real one if needed)
+        self.cluster_vips: list[tuple[str, IPInterface]] = []  # (interface, VIP) we added
+        self.cluster_counters: dict[str, int] = {}  # read once a second (status)
         self.sync_adapters = sync_adapters  # None: the real ones, if cfg.sync says so
         self.hold = hold
         self.sync: SyncDriver | None = None
@@ -87,7 +101,8 @@ class Daemon:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.node = Node(router_specs(cfg), cfg.mode.value,
-                         commit_before_vips=cfg.sync is not None)
+                         commit_before_vips=cfg.sync is not None,
+                         watch=_watched_interfaces(cfg))
         self.links = Links(self.node, rtnl=rtnl, open_socket=open_socket,
                            open_send_socket=open_send_socket or _send_socket,
                            announcer=announcer, sysctl=sysctl or ProcSysctl(), now=self.now,
@@ -129,6 +144,8 @@ class Daemon:
             if slot.spec.virtual_mac and slot.key not in self.links.vmacs:
                 await self.links.setup_vmac(slot)  # at start, failing to make one is fatal
         await self.links.remove_leftovers(self.node.slots.values())
+        if self.cfg.cluster is not None:
+            await self._start_cluster()
         await self.apply_accept_mode()
         if self.cfg.sync is not None:
             await self._start_sync(self.cfg.sync)
@@ -145,6 +162,51 @@ class Daemon:
         self.pump()
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.node.slots), len(self.links.ifaces), self.cfg.mode.value)
+
+    async def _start_cluster(self) -> None:
+        """all-active: every member holds every VLAN's VIPs; the data plane takes frames
+        for the VLANs' multicast MACs and keeps the buckets this node owns."""
+        cl = self.cfg.cluster
+        assert cl is not None
+        if self.cluster is None:
+            from vipd.io.cluster import LinuxClusterPlane
+
+            self.cluster = LinuxClusterPlane(cl.queue, cl.buckets, cl.seed)
+        vlans = [ClusterVlan(v.interface, v.multicast_mac, tuple(str(x.ip) for x in v.vips))
+                 for v in self.cfg.vlans]
+        await self.cluster.start(vlans, cl.buckets)
+        self.executor.cluster = self.cluster
+        ops: list[tuple[bool, int, IPInterface]] = []
+        for v in self.cfg.vlans:
+            index = self.links.ifaces[v.interface].index
+            if index is None:
+                raise OSError(f"{v.interface}: no such interface")
+            for vip in v.vips:
+                ops.append((True, index, vip))
+                self.cluster_vips.append((v.interface, vip))
+        errors = [e for e in await self.rtnl.apply_addresses(ops) if e]
+        if errors:
+            raise OSError(f"cannot add the cluster VIPs: {errors[0]}")
+        self._tasks.append(self._supervise("cluster counters", self._poll_counters))
+        log.info("all-active: %d buckets, VIPs %s on every member", cl.buckets,
+                 ", ".join(str(v) for _, v in self.cluster_vips))
+
+    async def _poll_counters(self) -> None:
+        while True:
+            if self.cluster is not None:
+                self.cluster_counters = await self.cluster.counters()
+            await asyncio.sleep(1.0)
+
+    async def _stop_cluster(self) -> None:
+        if self.cluster is None:
+            return
+        ops = [(False, index, vip) for i, vip in self.cluster_vips
+               if i in self.links.ifaces and (index := self.links.ifaces[i].index) is not None]
+        with contextlib.suppress(Exception):
+            await self.rtnl.apply_addresses(ops)
+        self.cluster_vips = []
+        with contextlib.suppress(Exception):
+            await self.cluster.stop()
 
     async def _start_sync(self, cfg: SyncConfig) -> None:
         key = load_sync_key(cfg.key_file)
@@ -166,7 +228,8 @@ class Daemon:
                     hold = nfq
         self.sync = SyncDriver(cfg, key, self.node, conntrack=ct, link=link, now=self.now,
                                pump=self.pump, hold=hold,
-                               install_continuously=self.cfg.mode.value == "per-vlan-active")
+                               install_continuously=self.cfg.mode.value in (
+                                   "per-vlan-active", "all-active"))
         self.executor.commit_flows = self.sync.commit
         self.executor.tell_peers = self.sync.tell_peers
         self.executor.set_view = self.sync.set_view
@@ -212,6 +275,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.accept_guard.remove()
         await self.executor.drain()
+        await self._stop_cluster()
         if self.sync is not None:
             self.sync.close()
         await self.links.close()
@@ -426,3 +490,11 @@ class Daemon:
             self.lock.release_interfaces(v.interface for v in self.cfg.vlans)
             raise ConfigError([f"{exc}"]) from exc
         return len(made)
+
+
+def _watched_interfaces(cfg: Config) -> list[str]:
+    """all-active: the VLANs other than the election VLAN (their loss drains every bucket)."""
+    if cfg.cluster is None:
+        return []
+    ev = election_vlan(cfg).interface
+    return [v.interface for v in cfg.vlans if v.interface != ev]

@@ -32,6 +32,7 @@ from vipd.core.node import (
     Transition,
     ViewChanged,
 )
+from vipd.io.cluster import ClusterPlane
 from vipd.runtime.links import Links
 from vipd.runtime.notify import Notifier
 
@@ -50,6 +51,8 @@ class Executor:
         self.set_view: Callable[[bytes, bytes], None] | None = None
         self.notifier: Notifier | None = None  # vipd.runtime.notify
         self.publish: Callable[[dict[str, Any]], None] | None = None  # `vipctl events`
+        self.cluster: ClusterPlane | None = None  # all-active: bucket ownership
+        self.owned: set[int] = set()  # the buckets the kernel's rules own
         self.links = links
         self.set_link_up = set_link_up
         self.now = now
@@ -150,8 +153,8 @@ class Executor:
     def _announce(self, key: Key) -> None:
         iface = self.links.ifaces.get(key[0])
         slot = self.node.slots.get(key)
-        if iface is None or iface.index is None or slot is None:
-            return
+        if iface is None or iface.index is None or slot is None or slot.spec.bucket is not None:
+            return  # (a bucket has no address of its own to announce)
         name, index, mac = iface.name, iface.index, iface.mac
         vm = self.links.vmacs.get(key)
         if vm is not None:
@@ -206,6 +209,8 @@ class Executor:
                 self._outcome(slot, True, index, [OSError("virtual MAC link down")])
             else:
                 ready.append((slot, op, index))
+        owning = [(slot, op) for slot, op, _ in ready if slot.spec.bucket is not None]
+        bucket_error = await self._own(owning) if owning else None
         ops = [(op == "add", index, vip) for slot, op, index in ready if index is not None
                for vip in slot.vips]
         t0 = self._loop.time()
@@ -218,11 +223,29 @@ class Executor:
         for slot, op, index in ready:
             errors = [e for e in (next(results) for _ in slot.vips) if e] \
                 if index is not None else [OSError("interface missing")]
+            if slot.spec.bucket is not None and bucket_error is not None:
+                errors.append(bucket_error)
             self._outcome(slot, op == "add", index, errors)
             done += not errors
         if len(ready) > 8:
             log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", done, len(ops),
                      (self._loop.time() - t0) * 1000)
+
+    async def _own(self, changes: list[tuple[Slot, str]]) -> OSError | None:
+        """all-active: the buckets of this batch taken or given up, as one ownership
+        change (one nftables transaction)."""
+        want = set(self.owned)
+        for slot, op in changes:
+            assert slot.spec.bucket is not None
+            (want.add if op == "add" else want.discard)(slot.spec.bucket)
+        if self.cluster is None:
+            return OSError("no all-active data plane")
+        try:
+            await self.cluster.own(want)
+        except OSError as exc:
+            return exc
+        self.owned = want
+        return None
 
     def _vmac_up(self, slot: Slot, up: bool) -> bool:
         vm = self.links.vmacs.get(slot.key)
