@@ -132,6 +132,8 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
                       # UDP: echoes beyond the datagrams sent (a packet forwarded twice)
                       "duplicates": sum(max(0, got[i] - sent[i]) for i in socks),
                       "ports": [socks[i].getsockname()[1] for i in sorted(socks)],
+                      "stall_ms_per_flow": [round(max(stall[i], now - last[i]) * 1000, 1)
+                                            for i in sorted(socks)],
                       }))
     for s in socks.values():
         s.close()

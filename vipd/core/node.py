@@ -554,6 +554,17 @@ class Node:
         elif slot.release_wait is not None and self.peer_master_with_link(slot) is None:
             self.forget_release_wait(slot)
 
+    def forget_peer_views(self, node_id: int) -> None:
+        """A peer went silent on the sync link: what it said is no longer its word. A
+        bucket waiting for that peer's release is taken now (its adverts stopped too, or
+        the VRRP rules would not have made us master). O(routers), once per peer lost."""
+        for wid, views in self._peer_views.items():
+            if views.pop(node_id, None) is not None:
+                slot = self._by_wire.get(wid)
+                if slot is not None and slot.release_wait is not None \
+                        and self.peer_master_with_link(slot) is None:
+                    self.forget_release_wait(slot)
+
     def forget_release_wait(self, slot: Slot) -> None:
         """The previous owner let go of the bucket (or is gone): own it now."""
         if slot.release_wait is None:
@@ -780,14 +791,15 @@ class Node:
             self._actions.append(TellPeers())
 
     def _owner_alive(self, slot: Slot, now: Fraction) -> bool:
-        """A peer says over the sync link that it owns the bucket, and some master was
-        heard on the LAN within Master_Down_Interval (a dead owner's view is stale: its
-        buckets are taken without waiting)."""
+        """A peer says over the sync link that it owns the bucket, and a master was heard
+        on the LAN within two of its advert intervals: a preemption (our Master_Down_Timer
+        ran out because we discard a lower priority's adverts, which keep coming). A
+        takeover from a dead or cut-off owner (silent for Master_Down_Interval, three
+        intervals or more; its view is stale) does not wait."""
         if self.peer_master_with_link(slot) is None:
             return False
-        r = slot.router
-        mdi = r.master_down_interval
-        return any(p.priority > 0 and now - p.last_heard <= mdi for p in r.peers.values())
+        return any(p.priority > 0 and now - p.last_heard < Fraction(2 * p.interval_cs, 100)
+                   for p in slot.router.peers.values())
 
     def _view(self, slot: Slot, state: str) -> ViewChanged:
         r = slot.router

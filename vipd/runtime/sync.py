@@ -235,6 +235,9 @@ class SyncDriver:
             up = self.session.reachable(p, now)
             was = self._peer_up.get(p.addr)
             self._peer_up[p.addr] = up
+            if was and not up and p.node is not None:
+                # its views are stale now: a bucket it owned is not waited for (all-active)
+                self.node.forget_peer_views(p.node)
             if was and not up and p.addresses:
                 n = self.node.master_node_gone(now, p.addresses)
                 log.warning("sync: peer %s silent on the sync link; %d backups will take "
