@@ -773,11 +773,14 @@ class Node:
         of the router goes to the peers too, and a new master of ours is checked against
         theirs (split brain)."""
         if self.commit_before_vips:  # sync runs: the peers follow our views
-            if slot.spec.bucket is not None and old == State.MASTER.value:
+            if slot.spec.bucket is not None and new != State.MASTER.value and (
+                    old == State.MASTER.value or slot.released_view_due):
                 # a bucket is given up when its rules are out of the kernel: the member
-                # waiting for it (release_wait) must not own it a moment earlier
+                # waiting for it (release_wait) must not own it a moment earlier (and
+                # MASTER -> INIT -> BACKUP says nothing until then either)
                 slot.released_view_due = True
             else:
+                slot.released_view_due = False
                 self._actions.append(self._view(slot, new))
             if new == State.MASTER.value and slot.spec.bucket is None:
                 self._check_split_brain(slot)
