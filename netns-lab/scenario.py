@@ -279,7 +279,9 @@ def cluster_config(lab: Lab, router: str, interval_ms: int = 100,
                    buckets: int = 16) -> dict[str, Any]:
     """An all-active configuration for a router of the trio topology: every VLAN's VIP
     (network + 1) shared, buckets elected on lanA, sync over sync0."""
-    vlans = [{"name": v, "interface": v, "vips": [str(lab.topo.vip(v))]}
+    vlans = [{"name": v, "interface": v,
+              "vips": [str(lab.topo.vip(v, fam)) for fam in ("ipv4", "ipv6")
+                       if lab.topo.vip(v, fam) is not None]}
              for v in lab.topo.vlans]
     return {"node": {"name": router, "control_socket": str(lab.workdir / f"{router}.sock")},
             "mode": "all-active",

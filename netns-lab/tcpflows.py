@@ -24,26 +24,34 @@ import time
 
 def serve(port: int) -> None:
     sel = selectors.DefaultSelector()
-    usock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # UDP flows: echoed too
-    usock.bind(("0.0.0.0", port))
-    usock.setblocking(False)
-    sel.register(usock, selectors.EVENT_READ)
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(("0.0.0.0", port))
-    lsock.listen(256)
-    lsock.setblocking(False)
-    sel.register(lsock, selectors.EVENT_READ)
+    usocks, lsocks = [], []
+    for fam, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        usock = socket.socket(fam, socket.SOCK_DGRAM)  # UDP flows: echoed too
+        if fam == socket.AF_INET6:
+            usock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        usock.bind((any_addr, port))
+        usock.setblocking(False)
+        sel.register(usock, selectors.EVENT_READ)
+        lsock = socket.socket(fam, socket.SOCK_STREAM)
+        lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if fam == socket.AF_INET6:
+            lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        lsock.bind((any_addr, port))
+        lsock.listen(256)
+        lsock.setblocking(False)
+        sel.register(lsock, selectors.EVENT_READ)
+        usocks.append(usock)
+        lsocks.append(lsock)
     while True:
         for key, _ in sel.select():
             sock = key.fileobj
-            if sock is usock:
+            if sock in usocks:
                 with contextlib.suppress(OSError):
-                    data, addr = usock.recvfrom(2048)
-                    usock.sendto(data, addr)
+                    data, addr = sock.recvfrom(2048)  # type: ignore[union-attr]
+                    sock.sendto(data, addr)  # type: ignore[union-attr]
                 continue
-            if sock is lsock:
-                conn, _ = lsock.accept()
+            if sock in lsocks:
+                conn, _ = sock.accept()  # type: ignore[union-attr]
                 conn.setblocking(False)
                 sel.register(conn, selectors.EVENT_READ)
                 continue
@@ -75,7 +83,8 @@ def run(server: str, flows: int, port: int, seconds: float, udp: bool = False) -
     socks = {}
     for i in range(flows):
         if udp:
-            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s = socket.socket(socket.AF_INET6 if ":" in server else socket.AF_INET,
+                              socket.SOCK_DGRAM)
             s.connect((server, port))
         else:
             s = socket.create_connection((server, port), timeout=5)

@@ -174,3 +174,32 @@ def test_a_silent_peers_views_are_forgotten_and_its_buckets_not_waited_for() -> 
     assert slot.release_wait is not None
     n.forget_peer_views(2)
     assert SetVips(key, True) in list(n.pop_actions())
+
+
+def _icmp6_sum(src: bytes, dst: bytes, msg: bytes) -> int:
+    data = src + dst + struct.pack("!I3xB", len(msg), 58) + msg
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def test_the_nd_rewrite_keeps_the_icmpv6_checksum_through_the_reserved_bits() -> None:
+    from vipd.io.cluster import ClusterVlan, nd_compensation, ruleset_lines
+
+    own, new = "aa:d7:65:65:3c:79", "03:00:5e:00:01:01"
+    src = IPv4Address("192.0.2.1").packed * 4  # any 16 bytes: the sum is what matters
+    dst = bytes(15) + b"\x01"
+    target = bytes(range(16))
+
+    def na(mac: str, reserved: int) -> bytes:
+        return (struct.pack("!BBHHH", 136, 0, 0, 0x6000, reserved) + target
+                + b"\x02\x01" + bytes.fromhex(mac.replace(":", "")))
+
+    before = _icmp6_sum(src, dst, na(own, 0))
+    after = _icmp6_sum(src, dst, na(new, nd_compensation(own, new)))
+    assert before % 0xFFFF == after % 0xFFFF  # (0 and 0xffff are one in ones' complement)
+    lines = ruleset_lines([ClusterVlan("lanA", new, ("192.0.2.1", "2001:db8:a::1"), own)], 4)
+    nd = [x for x in lines if "nd-neighbor-advert @th" in x]
+    assert len(nd) == 1 and "set 0x03005e000101" in nd[0]
+    assert any("arp saddr ip { 192.0.2.1 }" in x for x in lines)

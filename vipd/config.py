@@ -576,11 +576,6 @@ def parse(data: object, source: str = "") -> Config:
                          "addresses with prefix length", required=True) or ()
             mac = p.opt(path, m, "multicast_mac", _multicast_mac, "is not a multicast MAC "
                         "address (first octet odd)", default_multicast_mac(i))
-            if any(v.version == 6 for v in vips):
-                # the kernel's neighbour advertisements are not rewritten to the multicast
-                # MAC yet: IPv6 would converge on one member, not be shared
-                p.err(f"{path}.vips", [str(v) for v in vips], "has IPv6 addresses: "
-                      "all-active shares IPv4 VIPs only in this version")
             if name and ifname and vips:
                 vlans.append(VlanConfig(name, ifname, (), tuple(vips), mac))
             continue

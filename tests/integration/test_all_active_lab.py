@@ -150,6 +150,29 @@ def test_all_active_shares_flows_moves_buckets_on_loss_and_takes_them_back(
         assert status(lab, s)["severity"] != "critical"
 
 
+def test_ipv6_vips_are_shared_too(trio: Lab) -> None:
+    """IPv6: the kernel's neighbour advertisements for the VIP carry the multicast MAC
+    (their checksum kept right), every member gets the frames, one forwards each packet."""
+    lab = trio
+    sp = start(lab)
+    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
+              log="tcp-server.log")
+    time.sleep(0.3)
+    udp = lab.popen("client2", [sys.executable, str(HERE / "tcpflows.py"), "run",
+                                "2001:db8:b::64", "--flows", "60", "--seconds", "60", "--udp"],
+                    stdout=subprocess.PIPE)
+    out = lab.run("client", ["ping", "-6", "-n", "-i", "0.05", "-c", "20", "-W", "1",
+                             "2001:db8:b::64"], check=False).stdout
+    neigh = lab.run("client", ["ip", "-6", "neigh", "show", "2001:db8:a::1"]).stdout
+    assert "03:00:5e:00:01:01" in neigh, neigh
+    assert sum("bytes from" in x for x in out.splitlines()) == 20 and "DUP!" not in out, out
+    time.sleep(2)
+    res = result(lab, udp)
+    assert res["duplicates"] == 0 and res["stalled"] == 0, res
+    taken = {r: cluster_status(lab, s)["accepted_packets"] or 0 for r, s in sp.items()}
+    assert sum(1 for n in taken.values() if n > 0) >= 2, taken  # shared, not one member
+
+
 def test_a_cut_sync_link_keeps_one_owner_per_bucket_and_the_flows(trio: Lab) -> None:
     lab = trio
     sp = start(lab)

@@ -6,7 +6,10 @@ What it sets up, per member:
 - `table arp vipd_cluster_arp`: every ARP packet this node sends with a VIP as sender
   carries the VLAN's multicast MAC as sender hardware address, so hosts send frames for
   the VIP to that MAC and the switch floods them to every member. The kernel answers the
-  ARP requests itself; nftables rewrites the answer. The table outlives vipd on purpose:
+  ARP requests itself; nftables rewrites the answer. `table ip6 vipd_cluster_nd` does the
+  same for IPv6 neighbour advertisements of a VIP (and solicitations sent from one), with
+  the ICMPv6 checksum kept right through the message's reserved bits (nd_compensation).
+  These tables outlive vipd on purpose:
   if vipd dies, hosts keep the multicast MAC and this node forwards nothing (below), so the
   survivors' takeover of its buckets is not undercut by a node answering alone;
 - `table inet vipd_cluster` (nftables `flags owner`: the kernel removes it when vipd's
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import logging
 import shutil
 import socket
@@ -44,6 +48,7 @@ log = logging.getLogger("vipd.cluster")
 
 TABLE = "vipd_cluster"
 ARP_TABLE = "vipd_cluster_arp"
+ND_TABLE = "vipd_cluster_nd"
 COMMENT = "vipd all-active classifier"
 SIOCADDMULTI, SIOCDELMULTI = 0x8931, 0x8932
 PRIORITY = -140  # after conntrack (-200) and iptables' mangle (-150)
@@ -53,7 +58,37 @@ PRIORITY = -140  # after conntrack (-200) and iptables' mangle (-150)
 class ClusterVlan:
     interface: str
     mac: str
-    vips: tuple[str, ...]  # addresses without prefix length (IPv4)
+    vips: tuple[str, ...]  # addresses without prefix length (IPv4 and IPv6)
+    own_mac: str = ""  # the interface's own MAC (what the kernel's ND messages carry)
+
+    @property
+    def vips4(self) -> list[str]:
+        return [v for v in self.vips if ":" not in v]
+
+    @property
+    def vips6(self) -> list[str]:
+        return [v for v in self.vips if ":" in v]
+
+
+def _ones_sum(*words: int) -> int:
+    total = 0
+    for w in words:
+        total += w
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def nd_compensation(old_mac: str, new_mac: str) -> int:
+    """The 16-bit value that, written into the reserved bits of a neighbour solicitation or
+    advertisement (bytes 6-7 of the ICMPv6 message, zero as sent, ignored by receivers:
+    RFC 4861 4.3, 4.4), keeps its checksum right when the link-layer address option's MAC
+    changes from old_mac to new_mac. nftables rewrites the MAC in the kernel's ND messages
+    but does not fix ICMPv6 checksums of raw payload writes; this keeps the sum equal."""
+    o = bytes.fromhex(old_mac.replace(":", ""))
+    n = bytes.fromhex(new_mac.replace(":", ""))
+    ow = [int.from_bytes(o[i:i + 2], "big") for i in (0, 2, 4)]
+    nw = [int.from_bytes(n[i:i + 2], "big") for i in (0, 2, 4)]
+    return _ones_sum(*ow, *(0xFFFF - w for w in nw)) & 0xFFFF
 
 
 class ClusterPlane(Protocol):
@@ -137,9 +172,10 @@ def _maddr(ifname: str, mac: str, add: bool) -> None:
         fcntl.ioctl(s, SIOCADDMULTI if add else SIOCDELMULTI, req)
 
 
-def _iptables(cmd: str, ifname: str, queue: int) -> list[str]:
-    return ["iptables", "-w", "-t", "mangle", cmd, "PREROUTING", "-i", ifname,
-            "-m", "pkttype", "--pkt-type", "multicast", "!", "-d", "224.0.0.0/4",
+def _iptables(cmd: str, ifname: str, queue: int, family: int = 4) -> list[str]:
+    tool, mcast = ("iptables", "224.0.0.0/4") if family == 4 else ("ip6tables", "ff00::/8")
+    return [tool, "-w", "-t", "mangle", cmd, "PREROUTING", "-i", ifname,
+            "-m", "pkttype", "--pkt-type", "multicast", "!", "-d", mcast,
             "-m", "conntrack", "--ctstate", "NEW",
             "-m", "connmark", "--mark", f"0/{MARK_CLASSIFIED:#x}",
             "-m", "comment", "--comment", COMMENT, "-j", "NFQUEUE", "--queue-num", str(queue)]
@@ -154,8 +190,31 @@ def ruleset_lines(vlans: list[ClusterVlan], buckets: int) -> list[str]:
              f"add table arp {ARP_TABLE}",
              f"add chain arp {ARP_TABLE} out {{ type filter hook output priority 0; }}"]
     for v in vlans:
-        lines.append(f'add rule arp {ARP_TABLE} out oifname "{v.interface}" arp saddr ip '
-                     f'{{ {", ".join(v.vips)} }} arp saddr ether set {v.mac}')
+        if v.vips4:
+            lines.append(f'add rule arp {ARP_TABLE} out oifname "{v.interface}" arp saddr ip '
+                         f'{{ {", ".join(v.vips4)} }} arp saddr ether set {v.mac}')
+    # IPv6: the kernel's neighbour advertisements for a VIP (target address at bytes 8-23,
+    # its link-layer option at 24: type 2, length 1, the MAC) and its solicitations sent
+    # from a VIP (source link-layer option: type 1) carry the multicast MAC instead
+    lines += [f"add table ip6 {ND_TABLE}", f"delete table ip6 {ND_TABLE}",
+              f"add table ip6 {ND_TABLE}",
+              f"add chain ip6 {ND_TABLE} out {{ type filter hook output priority 0; }}"]
+    for v in vlans:
+        if not v.vips6 or not v.own_mac:
+            continue
+        own = "0x" + v.own_mac.replace(":", "")
+        new = "0x" + v.mac.replace(":", "")
+        fix = f"{nd_compensation(v.own_mac, v.mac):#06x}"
+        for vip in v.vips6:
+            target = f"0x{int(ipaddress.IPv6Address(vip)):032x}"
+            lines.append(
+                f'add rule ip6 {ND_TABLE} out oifname "{v.interface}" icmpv6 type '
+                f"nd-neighbor-advert @th,64,128 {target} @th,192,16 0x0201 @th,208,48 {own} "
+                f"@th,48,16 0x0 @th,208,48 set {new} @th,48,16 set {fix}")
+            lines.append(
+                f'add rule ip6 {ND_TABLE} out oifname "{v.interface}" ip6 saddr {vip} '
+                f"icmpv6 type nd-neighbor-solicit @th,192,16 0x0101 @th,208,48 {own} "
+                f"@th,48,16 0x0 @th,208,48 set {new} @th,48,16 set {fix}")
     lines += [
         f"add table inet {TABLE} {{ flags owner; }}",
         f"add set inet {TABLE} owned {{ type mark; }}",
@@ -164,6 +223,10 @@ def ruleset_lines(vlans: list[ClusterVlan], buckets: int) -> list[str]:
         f"add chain inet {TABLE} pre {{ type filter hook prerouting priority {PRIORITY}; }}",
         f"add rule inet {TABLE} pre iifname != {{ {ifaces} }} return",
         f"add rule inet {TABLE} pre ether daddr != {{ {macs} }} return",
+        # neighbour discovery to the VIP (unreachability probes sent to the multicast
+        # MAC): every member answers, as for ARP
+        f"add rule inet {TABLE} pre icmpv6 type {{ nd-neighbor-solicit, "
+        "nd-neighbor-advert } meta pkttype set host accept",
         # classified by vipd (NFQUEUE verdict): keep the bucket with the connection
         f"add rule inet {TABLE} pre ct mark and {MARK_CLASSIFIED:#x} == 0 "
         f"ct mark set meta mark and {MARK_MASK:#x}",
@@ -212,8 +275,9 @@ class LinuxClusterPlane:
             raise OSError(f"all-active rules refused by nft: {exc}") from exc
         self._start_queue()
         for v in vlans:
-            _run_quiet(_iptables("-D", v.interface, self.queue_num))  # a dead run's
-            _run_checked(_iptables("-A", v.interface, self.queue_num))
+            for fam in (4, 6):
+                _run_quiet(_iptables("-D", v.interface, self.queue_num, fam))  # a dead run's
+                _run_checked(_iptables("-A", v.interface, self.queue_num, fam))
 
     def _start_queue(self) -> None:
         from netfilterqueue import NetfilterQueue
@@ -263,7 +327,8 @@ class LinuxClusterPlane:
 
     async def stop(self) -> None:
         for v in self._vlans:
-            _run_quiet(_iptables("-D", v.interface, self.queue_num))
+            for fam in (4, 6):
+                _run_quiet(_iptables("-D", v.interface, self.queue_num, fam))
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._fd)
@@ -272,7 +337,8 @@ class LinuxClusterPlane:
             self._queue = None
         if self._session is not None:
             with contextlib.suppress(Exception):
-                await self._session.run([f"delete table arp {ARP_TABLE}"])
+                await self._session.run([f"delete table arp {ARP_TABLE}",
+                                         f"delete table ip6 {ND_TABLE}"])
             await self._session.close()  # the owner table goes with the session
             self._session = None
         for v in self._vlans:

@@ -172,7 +172,8 @@ class Daemon:
             from vipd.io.cluster import LinuxClusterPlane
 
             self.cluster = LinuxClusterPlane(cl.queue, cl.buckets, cl.seed)
-        vlans = [ClusterVlan(v.interface, v.multicast_mac, tuple(str(x.ip) for x in v.vips))
+        vlans = [ClusterVlan(v.interface, v.multicast_mac, tuple(str(x.ip) for x in v.vips),
+                             self.links.ifaces[v.interface].mac or "")
                  for v in self.cfg.vlans]
         await self.cluster.start(vlans, cl.buckets)
         self.executor.cluster = self.cluster
