@@ -57,10 +57,12 @@ def master_down_ms(priority: int, interval_ms: int) -> float:
     return 3 * interval_ms + (256 - priority) * interval_ms / 256
 
 
-def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, Any]:
+def one_run(kind: str, interval_ms: int, fault: str, phase: float,
+            with_sync: bool = False) -> dict[str, Any]:
     """One fault, made `phase` (0..1) of an advert interval after one of r1's adverts was
-    seen on lanA: the outage depends on that phase, so every kind gets the same phases."""
-    second = fault in ("linkloss", "nodedeath")
+    seen on lanA: the outage depends on that phase, so every kind gets the same phases.
+    `with_sync`: vipd runs with the sync link (single-active) for the other faults too."""
+    second = fault in ("linkloss", "nodedeath") or with_sync
     with Lab(Topology.load()) as lab:
         s2 = None
         if kind == "vipd":
@@ -106,7 +108,9 @@ def one_run(kind: str, interval_ms: int, fault: str, phase: float) -> dict[str, 
     runs = [r for r in res["loss_runs"] if r["last_send"] >= t_fault - 0.002]
     worst = max(runs, key=lambda r: r["count"], default=None)
     return {
-        "kind": kind, "interval_ms": interval_ms, "fault": fault,
+        "kind": kind, "interval_ms": interval_ms,
+        "fault": f"{fault}+sync" if with_sync and fault not in ("linkloss", "nodedeath")
+        else fault,
         "phase": round(phase, 3), "late_ms": round((t_fault - seen) * 1000 - phase * interval_ms,
                                                    2),
         "outage_ms": worst["outage_ms"] if worst else 0.0,
@@ -228,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--planned-interval", type=int, default=100,
                     help="advert interval (ms) for the planned handoff runs")
     ap.add_argument("--out", default="netns-lab/results/failover.json")
+    ap.add_argument("--with-sync", action="store_true",
+                    help="vipd with the sync link (single-active) for cut, sigterm and "
+                         "maintenance too; keepalived with a sync group")
     ap.add_argument("--summarize", metavar="JSON",
                     help="print the summary of an earlier run's results file and exit")
     args = ap.parse_args(argv)
@@ -250,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(args.runs):
             phase = (n + 0.5) / args.runs  # stratified, identical for every kind
             for kind in these:
-                r = one_run(kind, interval_ms, fault, phase)
+                r = one_run(kind, interval_ms, fault, phase, args.with_sync)
                 results.append(r)
                 print(f"  {fault:<11} {interval_ms:>5} ms  {kind:<10} run {n + 1} (phase "
                       f"{phase:.2f}): outage "

@@ -54,6 +54,48 @@ def start(lab: Lab) -> dict[str, Speaker]:
     return sp
 
 
+class OwnershipWatch:
+    """Polls every member's owned buckets (what its kernel rules hold) over the control
+    sockets every few ms, in a thread. `taken_back_overlaps`: buckets seen owned by `new`
+    at some moment and still owned by another member at a later poll: two owners at once
+    (while buckets only move to `new`, a later poll of the old owner still showing the
+    bucket cannot be a legitimate handoff)."""
+
+    def __init__(self, sp: dict[str, Speaker], new: str) -> None:
+        import threading
+
+        self.sp, self.new = sp, new
+        self.first_new: dict[int, float] = {}  # bucket -> first poll showing it on `new`
+        self.overlaps: set[int] = set()
+        self.polls = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        from vipd.io.control_client import request
+
+        while not self._stop.is_set():
+            for r, s in self.sp.items():
+                try:
+                    owned = request(str(s.socket), {"command": "status"},
+                                    timeout=0.5)["status"]["cluster"]["owned"]
+                except Exception:
+                    continue
+                now = time.monotonic()
+                self.polls += 1
+                for b in owned:
+                    if r == self.new:
+                        self.first_new.setdefault(b, now)
+                    elif b in self.first_new and self.first_new[b] < now:
+                        self.overlaps.add(b)
+
+    def stop(self) -> set[int]:
+        self._stop.set()
+        self._thread.join(2)
+        return self.overlaps
+
+
 def owners(lab: Lab, sp: dict[str, Speaker]) -> dict[str, int]:
     """How many buckets each member's kernel rules own; every bucket exactly once, or {}."""
     seen: Counter[int] = Counter()
@@ -126,9 +168,13 @@ def test_all_active_shares_flows_moves_buckets_on_loss_and_takes_them_back(
              == BUCKETS, 5, what="r2 and r3 own every bucket")
     time.sleep(2)
     # back: the balance returns without two owners at once (release waits) or a break
+    watch = OwnershipWatch(sp, "r1")
     lab.restore("r1")
     wait_for(lambda: owners(lab, sp) == PREFERRED, 15, what="r1 owns its buckets again")
-    time.sleep(2)
+    time.sleep(0.5)
+    overlaps = watch.stop()
+    assert watch.polls > 100 and not overlaps, (watch.polls, overlaps)
+    time.sleep(1.5)
     res_tcp, res_udp = result(lab, tcp), result(lab, udp)
     print("tcp", {k: v for k, v in res_tcp.items() if k != "ports"})
     print("udp", {k: v for k, v in res_udp.items() if k != "ports"})
