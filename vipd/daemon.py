@@ -31,6 +31,9 @@ def check_config(path: str) -> int:
     return 0
 
 
+DEFAULT_CONFIG = "/etc/vipd/vipd.yaml"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"]:
@@ -46,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="vipd", description="VRRP failover daemon with connection-state sync",
         epilog="vipd check-config FILE  validates a configuration without starting")
     ap.add_argument("--version", action="version", version=f"vipd {__version__}")
-    ap.add_argument("-c", "--config", required=True)
+    ap.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                    help=f"the configuration (default {DEFAULT_CONFIG})")
     ap.add_argument("--control-socket", help="override node.control_socket")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)

@@ -40,6 +40,7 @@ from vipd.io.lock import InstanceLock
 from vipd.io.nft import AcceptGuard, NftAcceptGuard
 from vipd.io.rtnl import Rtnl
 from vipd.io.sync_link import SyncLink
+from vipd.io.systemd import Notifier as SystemdNotifier
 from vipd.io.vmac import ProcSysctl, Sysctl
 from vipd.io.vmac import set_link_up as vmac_link_up
 from vipd.io.vrrp_socket import VrrpTransport
@@ -74,9 +75,11 @@ class Daemon:
                  lock: InstanceLock | None = None,
                  sync_adapters: Callable[[], tuple[Conntrack, SyncLink]] | None = None,
                  hold: Hold | None = None,
-                 cluster: ClusterPlane | None = None) -> None:
+                 cluster: ClusterPlane | None = None,
+                 systemd: SystemdNotifier | None = None) -> None:
         self.cfg = cfg
         self.cluster = cluster  # all-active data plane (None: the real one if needed)
+        self.systemd = systemd or SystemdNotifier()
         self.cluster_vips: list[tuple[str, IPInterface]] = []  # (interface, VIP) we added
         self.cluster_counters: dict[str, int] = {}  # read once a second (status)
         self.sync_adapters = sync_adapters  # None: the real ones, if cfg.sync says so
@@ -162,6 +165,10 @@ class Daemon:
         self.pump()
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.node.slots), len(self.links.ifaces), self.cfg.mode.value)
+        self.systemd.ready(f"{len(self.node.slots)} virtual routers, mode "
+                           f"{self.cfg.mode.value}")
+        if self.systemd.watchdog_s is not None:
+            self._tasks.append(asyncio.ensure_future(self._watchdog(self.systemd.watchdog_s)))
 
     async def _start_cluster(self) -> None:
         """all-active: every member holds every VLAN's VIPs; the data plane takes frames
@@ -237,6 +244,13 @@ class Daemon:
         self.node.on_vlan_silent = cfg.on_vlan_silent
         await self.sync.start()
 
+    async def _watchdog(self, every_s: float) -> None:
+        """systemd's watchdog, pinged from the loop itself: a loop that stops turning stops
+        the pings (WatchdogSec= in the unit)."""
+        while True:
+            self.systemd.watchdog()
+            await asyncio.sleep(every_s)
+
     async def run_until_stopped(self) -> None:
         await self._done.wait()
 
@@ -244,6 +258,7 @@ class Daemon:
         if self.node.stopping:
             return
         log.info("stopping: releasing mastership")
+        self.systemd.stopping()
         self.links.stopping = True
         self.node.shutdown(self.now())
         self.pump()
