@@ -10,11 +10,31 @@ for pkg in iproute2 iputils-ping python3 python3-venv python3-dev gcc keepalived
            procps conntrack conntrackd iptables libnetfilter-queue-dev; do
     have "$pkg" || need+=("$pkg")
 done
+# A fresh Debian often runs unattended-upgrades at first boot: wait for the dpkg lock
+# (saying so) instead of failing at once. apt-get's own DPkg::Lock::Timeout waits too.
+wait_for_dpkg() {
+    local waited=0
+    while fuser /var/lib/dpkg/lock-frontend /var/lib/dpkg/lock /var/lib/apt/lists/lock \
+            >/dev/null 2>&1; do
+        if ((waited % 30 == 0)); then
+            echo "bootstrap: waiting for the dpkg lock (another apt or unattended-upgrades" \
+                 "is running; ${waited} s so far, up to 15 minutes)" >&2
+        fi
+        if ((waited >= 900)); then
+            echo "bootstrap: the dpkg lock is still held after 15 minutes; giving up" >&2
+            return 1
+        fi
+        sleep 5
+        waited=$((waited + 5))
+    done
+}
 if ((${#need[@]})); then
     echo "bootstrap: apt-get install ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq >/dev/null
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    if command -v fuser >/dev/null 2>&1; then wait_for_dpkg; fi
+    apt-get -o DPkg::Lock::Timeout=900 update -qq >/dev/null
+    apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends "${need[@]}" \
+        >/dev/null
 fi
 # keepalived's and conntrackd's packages start services in the root namespace; we only use
 # the binaries (the benchmarks run them inside the lab's namespaces).
