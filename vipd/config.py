@@ -60,6 +60,7 @@ class NodeConfig:
     # SCHED_RR priority for the daemon (0: the normal scheduler), as keepalived's
     # vrrp_rt_priority and conntrackd's Scheduler: timers and sync keep up under load
     realtime_priority: int = 0
+    metrics: str = ""  # "host:port" for Prometheus scrapes (docs/metrics.md); "" = off
 
 
 @dataclass(frozen=True)
@@ -536,7 +537,7 @@ def parse(data: object, source: str = "") -> Config:
     top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify", "cluster"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
                                                         "control_socket_mode",
-                                                        "realtime_priority"})
+                                                        "realtime_priority", "metrics"})
     node = NodeConfig(
         name=p.get("node", node_raw, "name", _label, "is not a node name", "vipd",
                    required=True) or "vipd",
@@ -546,6 +547,8 @@ def parse(data: object, source: str = "") -> Config:
                                   "is not a file mode (0..0o777)", 0o600),
         realtime_priority=p.opt("node", node_raw, "realtime_priority", _int_in(0, 99),
                                 "is not a SCHED_RR priority (0..99)", 0),
+        metrics=p.opt("node", node_raw, "metrics", _listen, "is not host:port "
+                      "(127.0.0.1:9765, [::1]:9765 or :9765)", ""),
     )
     # Required: a missing mode used to mean single-active, the mode that drains every
     # VLAN of the node on one fault; that must be a choice, not a default.
@@ -665,6 +668,15 @@ def parse(data: object, source: str = "") -> Config:
         raise ConfigError(_bounded(p.errors))
     return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source, notify,
                   cluster)
+
+
+def _listen(v: object) -> str:
+    from vipd.io.metrics_http import parse_listen
+
+    if not isinstance(v, str):
+        raise ValueError(v)
+    parse_listen(v)
+    return v
 
 
 def _vip_list(v: object) -> tuple[IPInterface, ...]:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from fractions import Fraction
 from math import ceil
@@ -80,6 +80,8 @@ class Daemon:
         self.cfg = cfg
         self.cluster = cluster  # all-active data plane (None: the real one if needed)
         self.systemd = systemd or SystemdNotifier()
+        self.metrics: Any = None  # vipd.io.metrics_http.MetricsServer when configured
+        self._lags: deque[tuple[float, float]] = deque()
         self.cluster_vips: list[tuple[str, IPInterface]] = []  # (interface, VIP) we added
         self.cluster_counters: dict[str, int] = {}  # read once a second (status)
         self.sync_adapters = sync_adapters  # None: the real ones, if cfg.sync says so
@@ -156,6 +158,15 @@ class Daemon:
                                       self.cfg.node.control_socket_mode)
         await self._control.start()
         self.executor.publish = self._control.publish
+        if self.cfg.node.metrics:
+            from vipd import __version__
+            from vipd.io.metrics_http import MetricsServer
+            from vipd.metrics import exposition
+
+            self.metrics = MetricsServer(self.cfg.node.metrics, lambda: exposition(
+                self.status(), self.loop_lag_s(), __version__))
+            await self.metrics.start()
+            self._tasks.append(asyncio.ensure_future(self._measure_lag()))
         self._tasks.append(self._supervise(LINK_MONITOR,
                                            lambda: self.rtnl.watch(self.links.on_event)))
         for iface in self.links.ifaces.values():
@@ -244,6 +255,20 @@ class Daemon:
         self.node.on_vlan_silent = cfg.on_vlan_silent
         await self.sync.start()
 
+    async def _measure_lag(self) -> None:
+        """How late the loop runs a 100 ms tick; the worst of the last minute is kept."""
+        while True:
+            t = self._loop.time()
+            await asyncio.sleep(0.1)
+            lag = max(0.0, self._loop.time() - t - 0.1)
+            now = self._loop.time()
+            self._lags.append((now, lag))
+            while self._lags and self._lags[0][0] < now - 60:
+                self._lags.popleft()
+
+    def loop_lag_s(self) -> float | None:
+        return max((lag for _, lag in self._lags), default=None) if self._lags else None
+
     async def _watchdog(self, every_s: float) -> None:
         """systemd's watchdog, pinged from the loop itself: a loop that stops turning stops
         the pings (WatchdogSec= in the unit)."""
@@ -297,6 +322,9 @@ class Daemon:
         await self.links.close()
         if self._control:
             await self._control.stop()
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                await self.metrics.stop()
         await self.rtnl.close()
         self.lock.release()
         self._locked = False

@@ -1,0 +1,56 @@
+"""The Prometheus exposition is derived from the status model: what a scrape says is
+what `vipctl status --json` says (vipd.metrics)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from test_runtime import World, advert, fire, run
+from vipd.metrics import exposition
+from vipd.runtime.daemon import Daemon
+
+LINE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (-?[0-9.e+]+)$')
+
+
+def parse(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        m = LINE.match(line)
+        assert m, line
+        out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def test_exposition_matches_status_and_is_well_formed(tmp_path: Path) -> None:
+    async def body(w: World, d: Daemon) -> None:
+        w.deliver(d, advert(200))  # a peer heard
+        w.deliver(d, b"\x00" * 3)  # and something dropped
+        fire(w, d)
+        st = d.status()
+        text = exposition(st, loop_lag_s=0.001, version="test")
+        m = parse(text)
+        i = st["instances"][0]
+        lab = ('router="lan-a/vrid 51/IPv4",vlan="lan-a",interface="lanA",vrid="51",'
+               'family="IPv4"')
+        assert m[f'vipd_router_state{{{lab},state="{i["state"]}"}}'] == 1
+        assert sum(v for k, v in m.items() if k.startswith("vipd_router_state{")) == 1
+        assert m[f"vipd_router_adverts_received_total{{{lab}}}"] == i["adverts_received"] >= 1
+        assert m[f"vipd_router_effective_priority{{{lab}}}"] == i["effective_priority"]
+        assert m["vipd_severity"] == {"ok": 0, "degraded": 1, "critical": 2}[st["severity"]]
+        assert m["vipd_loop_lag_seconds"] == 0.001
+        assert any(k.startswith("vipd_interface_drops_total{") for k in m)
+        # one HELP and TYPE per metric name, before its first sample
+        names = [x.split()[2] for x in text.splitlines() if x.startswith("# TYPE")]
+        assert len(names) == len(set(names))
+
+    run(tmp_path, body)
+
+
+def test_label_values_are_escaped() -> None:
+    st = {"node": 'a"b\\c\nd', "mode": "x", "healthy": True, "severity": "ok", "problems": [],
+          "uptime_s": 1.0, "reloads": 0, "instances": [], "interfaces": []}
+    line = next(x for x in exposition(st).splitlines() if x.startswith("vipd_info"))
+    assert line == 'vipd_info{node="a\\"b\\\\c\\nd",mode="x",version=""} 1'
