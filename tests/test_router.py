@@ -307,3 +307,30 @@ def test_heard_again_does_exactly_what_receive_does(script: list[tuple[object, i
         full.receive(now, adv)
         assert _observable(fast) == _observable(full), (when, who, prio)
     assert took_fast_path == fast_expected
+
+
+def test_an_advert_received_before_the_sync_links_release_does_not_undo_it() -> None:
+    """A deferred socket read can deliver the master's last advert after the sync link's
+    word that it let go: received earlier, it must not push the takeover back by a whole
+    Master_Down_Interval (seen once in CI: 361 ms instead of 5). One received later does:
+    the master is back on the LAN."""
+    r = VirtualRouter(make_config(100, interval_cs=10), ME)
+    r.start(F(0))
+    adv = advert(200, interval_cs=10)
+    r.receive(F(1, 10), adv)
+    assert r.heard_again(F(2, 10), adv)  # the fast path, as usual
+    assert r.master_released(F(3, 10), immediate=True)
+    assert r.get_timer() == F(3, 10)
+    assert not r.heard_again(F(29, 100), adv)  # read late, received before the release
+    r.receive(F(29, 100), adv)
+    assert r.get_timer() == F(3, 10)  # the takeover stands
+    r.handle_timer(F(3, 10))
+    assert r.state is State.MASTER
+
+    b = VirtualRouter(make_config(100, interval_cs=10), ME)
+    b.start(F(0))
+    b.receive(F(1, 10), adv)
+    assert b.master_released(F(3, 10), immediate=False)  # after Skew_Time
+    b.receive(F(31, 100), adv)  # heard after the word: the master is still there
+    assert b.get_timer() == F(31, 100) + b.master_down_interval
+    assert b.heard_again(F(41, 100), adv)  # and the fast path is back

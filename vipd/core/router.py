@@ -205,6 +205,10 @@ class VirtualRouter:
         self._other_claim: tuple[IPAddress, Seconds] | None = None
         self._last_followed: Advert | None = None  # see heard_again
         self._followed_peer: PeerInfo | None = None  # the peer entry it came with
+        # when the sync link moved our Master_Down_Timer earlier (master_released,
+        # master_node_gone): an advert received before that moment, read after it (a
+        # deferred socket read), must not push the takeover back
+        self._expedited_at: Seconds | None = None
         self.vlan_silent_since: Seconds | None = None  # see hold_takeover
 
     # ------------------------------------------------------------ derived values
@@ -371,6 +375,7 @@ class VirtualRouter:
         src = adv.src
         if (self.state is not State.BACKUP or self.drains or self._timers.release is not None
                 or adv is not self._last_followed or len(self.peers) != 1
+                or self._expedited_at is not None
                 or self._other_claim is not None or self._last_claim is None
                 or self.vlan_silent_since is not None):
             return False
@@ -420,7 +425,7 @@ class VirtualRouter:
         Master_Down_Timer earlier; an advert heard meanwhile sets it back as usual, so a lost
         second channel alone never causes a takeover. True if the timer moved."""
         heard = self.master_heard_at if self.master_heard_at is not None else now
-        return self._take_over_by(max(
+        return self._take_over_by(now, max(
             now, heard + cs_to_s(self.master_adver_interval_cs) + self.skew_time))
 
     def master_released(self, now: Seconds, immediate: bool) -> bool:
@@ -429,15 +434,16 @@ class VirtualRouter:
         6.4.2),
         take over after Skew_Time, or at once when no other backup can exist (`immediate`:
         a pair). True if the Master_Down_Timer moved."""
-        return self._take_over_by(now if immediate else now + self.skew_time)
+        return self._take_over_by(now, now if immediate else now + self.skew_time)
 
-    def _take_over_by(self, at: Seconds) -> bool:
+    def _take_over_by(self, now: Seconds, at: Seconds) -> bool:
         """Move an undrained backup's Master_Down_Timer earlier, to `at` (never later)."""
         if self.state is not State.BACKUP or self.drains or self._timers.master_down is None:
             return False
         if at >= self._timers.master_down:
             return False
         self._timers.master_down = at
+        self._expedited_at = now
         self.counters.fast_takeovers_armed += 1
         return True
 
@@ -525,6 +531,10 @@ class VirtualRouter:
         holding = (self.config.preempt_delay > 0 and self._backup_since is not None
                    and now < self._backup_since + self.config.preempt_delay)
         if not self.config.preempt or adv.priority >= self.priority or holding:
+            if self._expedited_at is not None:
+                if now < self._expedited_at:
+                    return  # older than the sync link's word: the takeover stands
+                self._expedited_at = None  # heard since: the master is back on the LAN
             self._learn_master(now, adv)
             self._timers.master_down = now + self.master_down_interval
             # heard_again may take the next identical one, unless something about it
@@ -711,6 +721,7 @@ class VirtualRouter:
             raise TransitionError(f"{self.config.name}: {old.value} -> {new.value} ({cause})")
         self.state = new
         self._last_followed = None  # see heard_again
+        self._expedited_at = None
         self.counters.transitions += 1
         self.last_transition = LastTransition(old, new, cause, now)
         log.info("%s: %s -> %s (%s)", self.config.name, old.value, new.value, cause)
