@@ -92,6 +92,22 @@ def advert(vrid: int, priority: int) -> bytes:
                      addresses=[IPv4Address("192.0.2.1")], src=PEER)
 
 
+def owner_keeps_advertising(n: Node, until: Fraction, stop: object = None) -> tuple[
+        Fraction, list[object]]:
+    """r2 owns bucket 0 by its word over the sync link and advertises it (priority 230)
+    every 100 ms until `until` (or until `stop()` is true); our timers run meanwhile.
+    Returns the time reached and the node's actions."""
+    slot = n.slots["lanA", 252, 4]
+    n.peer_view(Fraction(0), 2, slot.wire_id, bytes([2, 230, 1]))
+    t = Fraction(0)
+    acts: list[object] = []
+    while t < until and not (callable(stop) and stop()):
+        t += Fraction(1, 10)
+        n.receive("lanA", 4, [(advert(252, 230), META, t)])
+        acts += run_until(n, t)
+    return t, acts
+
+
 def test_losing_a_watched_vlan_gives_up_every_bucket_and_getting_it_back_rejoins() -> None:
     n = node()
     run_until(n, Fraction(1))
@@ -115,15 +131,9 @@ def test_a_bucket_taken_from_a_live_owner_waits_for_its_release() -> None:
     slot = n.slots[key]
     wid = slot.wire_id
     # r2 owns it and says so over the sync link; its adverts (priority 230) keep coming
-    n.peer_view(Fraction(0), 2, wid, bytes([2, 230, 1]))
-    t = Fraction(0)
-    acts: list[object] = []
-    while t < Fraction(1, 2):
-        t += Fraction(1, 10)
-        n.receive("lanA", 4, [(advert(252, 230), META, t)])
-        acts += run_until(n, t)
+    t, acts = owner_keeps_advertising(n, Fraction(1, 2))
     assert slot.router.state.value == "MASTER"  # preempted (r2's adverts are discarded)
-    assert SetVips(key, True) not in acts and slot.release_wait is not None
+    assert SetVips(key, True) not in acts and slot.awaiting_release
     # r2 let go: its view says BACKUP (sent once its rules were out): now we own it
     n.peer_view(t, 2, wid, bytes([1, 230, 1]))
     assert SetVips(key, True) in list(n.pop_actions())
@@ -133,14 +143,7 @@ def test_a_bucket_taken_from_a_live_owner_waits_for_its_release() -> None:
 def test_without_a_release_the_bucket_is_taken_after_three_intervals() -> None:
     n = node()
     key = ("lanA", 252, 4)
-    slot = n.slots[key]
-    n.peer_view(Fraction(0), 2, slot.wire_id, bytes([2, 230, 1]))
-    t = Fraction(0)
-    acts: list[object] = []
-    while t < Fraction(1):
-        t += Fraction(1, 10)
-        n.receive("lanA", 4, [(advert(252, 230), META, t)])
-        acts += run_until(n, t)
+    _t, acts = owner_keeps_advertising(n, Fraction(1))
     assert SetVips(key, True) in acts and n.release_timeouts == 1
 
 
@@ -165,13 +168,8 @@ def test_a_silent_peers_views_are_forgotten_and_its_buckets_not_waited_for() -> 
     n = node()
     key = ("lanA", 252, 4)
     slot = n.slots[key]
-    n.peer_view(Fraction(0), 2, slot.wire_id, bytes([2, 230, 1]))
-    t = Fraction(0)
-    while slot.release_wait is None and t < Fraction(1):
-        t += Fraction(1, 10)
-        n.receive("lanA", 4, [(advert(252, 230), META, t)])
-        run_until(n, t)
-    assert slot.release_wait is not None
+    owner_keeps_advertising(n, Fraction(1), stop=lambda: slot.awaiting_release)
+    assert slot.awaiting_release
     n.forget_peer_views(2)
     assert SetVips(key, True) in list(n.pop_actions())
 

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vipd.core.cluster import MAX_BUCKETS, MAX_MEMBERS, bucket_priority
 from vipd.core.node import RouterSpec
 from vipd.core.packet import ChecksumVariant, IPAddress
 from vipd.core.router import RouterConfig
@@ -255,8 +256,6 @@ def cluster_specs(cfg: Config) -> list[RouterSpec]:
     """all-active: one virtual router per bucket on the election VLAN. They hold no VIPs
     (the VLANs' VIPs are on every member); being master of one means owning the bucket.
     The advert lists the election VLAN's first VIP (of the family elections run in)."""
-    from vipd.core.cluster import bucket_priority
-
     cl = cfg.cluster
     assert cl is not None
     vlan = election_vlan(cfg)
@@ -695,8 +694,6 @@ def _multicast_mac(v: object) -> str:
 
 def _parse_cluster(p: _Parser, raw: object, me: str,
                    vlans: list[VlanConfig]) -> ClusterConfig | None:
-    from vipd.core.cluster import MAX_BUCKETS, MAX_MEMBERS
-
     if raw is None:
         p.err("cluster", None, "is required in all-active mode (members at least)")
         return None

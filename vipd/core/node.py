@@ -162,8 +162,9 @@ class Slot:
     announce_after_install: bool = False
     retry_at: Fraction | None = None  # a failed install is tried again then
     # all-active: a bucket won while a peer still says it owns it waits for the peer's
-    # release (its view over the sync link) until then, so no two members own it at once
-    release_wait: Fraction | None = None
+    # release (its view over the sync link), at most until retry_at, so no two members
+    # own it at once
+    awaiting_release: bool = False
     released_view_due: bool = False  # its view goes out once the removal is applied
     vips_repaired: int = 0
     armed: tuple[Fraction, bool] | None = None  # the timer bucket it is filed in
@@ -444,8 +445,8 @@ class Node:
             return  # replaced by a reload and done
         if slot.retry_at is not None and now >= slot.retry_at:
             slot.retry_at = None
-            if slot.release_wait is not None:  # the previous owner never said it let go
-                slot.release_wait = None
+            if slot.awaiting_release:  # the previous owner never said it let go
+                slot.awaiting_release = False
                 if slot.router.state is State.MASTER:
                     self.release_timeouts += 1
                     self._actions.append(SetVips(slot.key, True))
@@ -551,7 +552,7 @@ class Node:
         if view[0] == MASTER_CODE:
             if slot.spec.bucket is None:
                 self._check_split_brain(slot, now)
-        elif slot.release_wait is not None and self.peer_master_with_link(slot) is None:
+        elif slot.awaiting_release and self.peer_master_with_link(slot) is None:
             self.forget_release_wait(slot)
 
     def forget_peer_views(self, node_id: int) -> None:
@@ -561,15 +562,15 @@ class Node:
         for wid, views in self._peer_views.items():
             if views.pop(node_id, None) is not None:
                 slot = self._by_wire.get(wid)
-                if slot is not None and slot.release_wait is not None \
+                if slot is not None and slot.awaiting_release \
                         and self.peer_master_with_link(slot) is None:
                     self.forget_release_wait(slot)
 
     def forget_release_wait(self, slot: Slot) -> None:
         """The previous owner let go of the bucket (or is gone): own it now."""
-        if slot.release_wait is None:
+        if not slot.awaiting_release:
             return
-        slot.release_wait = slot.retry_at = None
+        slot.awaiting_release, slot.retry_at = False, None
         if slot.router.state is State.MASTER:
             self._actions.append(SetVips(slot.key, True))
 
@@ -743,8 +744,8 @@ class Node:
                 if not slot.owner:  # never remove the owner's real address
                     slot.installing = False
                     slot.announce_after_install = False
-                    if slot.release_wait is not None:  # never took it: nothing to remove
-                        slot.release_wait = slot.retry_at = None
+                    if slot.awaiting_release:  # never took it: nothing to remove
+                        slot.awaiting_release, slot.retry_at = False, None
                     out.append(SetVips(key, False))
             elif isinstance(act, Announce):
                 if slot.installing:  # announced once the VIPs are in the kernel
@@ -776,7 +777,7 @@ class Node:
             if slot.spec.bucket is not None and new != State.MASTER.value and (
                     old == State.MASTER.value or slot.released_view_due):
                 # a bucket is given up when its rules are out of the kernel: the member
-                # waiting for it (release_wait) must not own it a moment earlier (and
+                # waiting for it (awaiting_release) must not own it a moment earlier (and
                 # MASTER -> INIT -> BACKUP says nothing until then either)
                 slot.released_view_due = True
             else:
@@ -819,7 +820,8 @@ class Node:
             # bucket; take it when it says (over the sync link) that it let go, or after
             # 3 intervals
             self.release_waits += 1
-            slot.release_wait = slot.retry_at = now + 3 * slot.router.advertisement_interval
+            slot.awaiting_release = True
+            slot.retry_at = now + 3 * slot.router.advertisement_interval
             self._schedule(slot, now)
             return
         self._actions.append(SetVips(slot.key, True))

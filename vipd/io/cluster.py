@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vipd.core.cluster import MARK_CLASSIFIED, MARK_MASK, mark_of, packet_bucket
+from vipd.io.hold import delete_all, nfqueue_unavailable
 
 log = logging.getLogger("vipd.cluster")
 
@@ -248,15 +249,8 @@ class LinuxClusterPlane:
         self._queue: Any = None
         self._fd = -1
         self.classified = 0
-        self.unavailable: str | None = None
-        try:
-            import netfilterqueue  # noqa: F401
-        except ImportError:
-            self.unavailable = "the netfilterqueue package is not installed (extra: hold)"
-        if shutil.which("iptables") is None:
-            self.unavailable = "iptables is not installed"
-        if self.nft is None:
-            self.unavailable = "nft is not installed"
+        self.unavailable = "nft is not installed" if self.nft is None \
+            else nfqueue_unavailable()
 
     async def start(self, vlans: list[ClusterVlan], buckets: int) -> None:
         if self.unavailable is not None:
@@ -276,7 +270,7 @@ class LinuxClusterPlane:
         self._start_queue()
         for v in vlans:
             for fam in (4, 6):
-                _run_quiet(_iptables("-D", v.interface, self.queue_num, fam))  # a dead run's
+                delete_all(_iptables("-D", v.interface, self.queue_num, fam))  # a dead run's
                 _run_checked(_iptables("-A", v.interface, self.queue_num, fam))
 
     def _start_queue(self) -> None:
@@ -328,7 +322,7 @@ class LinuxClusterPlane:
     async def stop(self) -> None:
         for v in self._vlans:
             for fam in (4, 6):
-                _run_quiet(_iptables("-D", v.interface, self.queue_num, fam))
+                delete_all(_iptables("-D", v.interface, self.queue_num, fam))
         if self._queue is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._fd)
@@ -346,12 +340,8 @@ class LinuxClusterPlane:
                 _maddr(v.interface, v.mac, False)
 
 
-def _run_quiet(argv: list[str]) -> None:
-    subprocess.run(argv, capture_output=True, check=False)
-
-
 def _run_checked(argv: list[str]) -> None:
-    p = subprocess.run(argv, capture_output=True, text=True, check=False)
+    p = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=5)
     if p.returncode != 0:
         raise OSError(f"{' '.join(argv[:6])}...: {p.stderr.strip()}")
 

@@ -51,6 +51,26 @@ def _rules(cmd: str, sync_interface: str) -> list[list[str]]:
             for tool in ("iptables", "ip6tables")]
 
 
+def nfqueue_unavailable() -> str | None:
+    """Why NFQUEUE cannot be used from vipd here, or None (the hold and the all-active
+    classifier both need it)."""
+    if shutil.which("iptables") is None:
+        return "iptables is not installed"
+    try:
+        import netfilterqueue  # noqa: F401
+    except ImportError:
+        return "the netfilterqueue package is not installed (extra: hold)"
+    return None
+
+
+def delete_all(argv: list[str], most: int = 4) -> None:
+    """Run an iptables `-D` command until it fails (at most `most` times): copies of the
+    rule left by killed vipds go too."""
+    for _ in range(most):
+        if subprocess.run(argv, capture_output=True, check=False, timeout=5).returncode != 0:
+            return
+
+
 class NfqueueHold:
     def __init__(self, sync_interface: str, max_packets: int = 20000,
                  max_s: float = 2.0) -> None:
@@ -63,13 +83,7 @@ class NfqueueHold:
         self._t0 = 0.0
         self._fd = -1
         self._timer: asyncio.TimerHandle | None = None
-        self.unavailable: str | None = None
-        try:
-            import netfilterqueue  # noqa: F401
-        except ImportError:
-            self.unavailable = "the netfilterqueue package is not installed"
-        if shutil.which("iptables") is None:
-            self.unavailable = "iptables is not installed"
+        self.unavailable = nfqueue_unavailable()
 
     async def start(self) -> None:
         if self.unavailable is not None or self._queue is not None:
@@ -136,10 +150,7 @@ class NfqueueHold:
         if shutil.which("iptables") is None:
             return
         for argv in _rules("-D", self.sync_interface):
-            for _ in range(4):
-                if subprocess.run(argv, capture_output=True, check=False,
-                                  timeout=5).returncode != 0:
-                    break
+            delete_all(argv)
 
 
 @dataclass

@@ -128,9 +128,8 @@ class VrrpSocket:
             fast = _usual_control(control, v4)
             if fast is not None:  # the kernel's usual control messages, in one unpack
                 stamp_ns, dst, hop = fast
-                item = parse_ipv4(data) if v4 else (data, _meta6(bytes(name[8:24]), dst, hop))
-                age = (wall_ns - stamp_ns) / 1e9
-                age = age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
+                item = parse_ipv4(data) if v4 else _ipv6_item(data, bytes(name[8:24]), dst, hop)
+                age = _age_s(stamp_ns, wall_ns)
             else:
                 self.unusual_control += 1
                 anc: Sequence[Ancillary] = cmsgs(control)
@@ -175,10 +174,14 @@ def packet_age(ancdata: Sequence[Ancillary], wall_ns: int | None = None) -> floa
     for level, ctype, cdata in ancdata:
         if level == socket.SOL_SOCKET and ctype == SO_TIMESTAMPNS and len(cdata) >= 16:
             sec, nsec = struct.unpack("=qq", cdata[:16])
-            now_ns = time.time_ns() if wall_ns is None else wall_ns
-            age = (now_ns - (sec * 1_000_000_000 + nsec)) / 1e9
-            return age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
+            return _age_s(sec * 1_000_000_000 + nsec,
+                          time.time_ns() if wall_ns is None else wall_ns)
     return 0.0
+
+
+def _age_s(stamp_ns: int, wall_ns: int) -> float:
+    age = (wall_ns - stamp_ns) / 1e9
+    return age if 0 <= age <= MAX_TRUSTED_AGE_S else 0.0
 
 
 # What the kernel attaches to every packet here, in its order: the timestamp (socket
@@ -246,6 +249,11 @@ def parse_ipv6(data: bytes, ancdata: Sequence[Ancillary],
             hop = struct.unpack("=i", cdata[:4])[0]
         elif ctype == socket.IPV6_PKTINFO and len(cdata) >= 16:
             dst = bytes(cdata[:16])
+    return _ipv6_item(data, src, dst, hop)
+
+
+def _ipv6_item(data: bytes, src: bytes, dst: bytes | None,
+               hop: int) -> tuple[bytes, IpMeta] | None:
     if len(src) != 16:
         return None
     return data, _meta6(src, dst, hop)

@@ -114,7 +114,7 @@ class Commands:
                           "owner": "self" if mine else (str(r.master_address)
                                                         if r.master_address else None),
                           "in_kernel": b in d.executor.owned,
-                          "waiting_for_release": slot.release_wait is not None,
+                          "waiting_for_release": slot.awaiting_release,
                           "packets": counts.get(str(b))})
         table.sort(key=lambda x: x["bucket"])
         return {"members": list(cl.members), "buckets": cl.buckets,
