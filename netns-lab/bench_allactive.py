@@ -23,14 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections import Counter
-from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +40,16 @@ from scenario import (  # noqa: E402
     TRIO,
     cluster_config,
     cluster_status,
+    flow_bucket_of,
+    flow_client,
+    flow_result,
+    flow_server,
     holder,
     start_vipd,
     stateful_firewall,
     states,
     vipd_config,
 )
-
-from vipd.core.cluster import flow_bucket  # noqa: E402
 
 SERVER = "198.51.100.100"
 BUCKETS = 16
@@ -103,22 +102,11 @@ print(got, (last - first) if first and last else 0)
 
 
 def flows(lab: Lab, host: str, n: int, udp: bool) -> subprocess.Popen[bytes]:
-    return lab.popen(host, [sys.executable, str(HERE / "tcpflows.py"), "run", SERVER,
-                            "--flows", str(n), "--seconds", "300",
-                            *(["--udp"] if udp else [])], stdout=subprocess.PIPE)
-
-
-def stop(lab: Lab, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    os.kill(proc.pid, signal.SIGTERM)
-    out = json.loads(proc.communicate(timeout=30)[0] or b"{}")
-    lab.procs.pop(proc.pid, None)
-    return dict(out)
+    return flow_client(lab, host, SERVER, n, 300, udp)
 
 
 def bucket_of(lab: Lab, host: str, proto: int, port: int) -> int:
-    caddr = ip_address(str(lab.topo.address("lanA", "ipv4", lab.topo.hosts[host]["id"]).ip))
-    return flow_bucket(proto, caddr.packed, port, ip_address(SERVER).packed, 5001, BUCKETS,
-                       b"lab")
+    return flow_bucket_of(lab, host, proto, port, SERVER, 5001, BUCKETS, b"lab")
 
 
 def blast(lab: Lab, seconds: float = 5.0) -> float:
@@ -133,12 +121,6 @@ def blast(lab: Lab, seconds: float = 5.0) -> float:
     return got / span if span else 0.0
 
 
-def start_servers(lab: Lab) -> None:
-    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
-              log="tcp-server.log")
-    time.sleep(0.3)
-
-
 def all_active_run() -> dict[str, Any]:
     res: dict[str, Any] = {"mode": "all-active"}
     with Lab(Topology.load(TRIO)) as lab:
@@ -150,7 +132,7 @@ def all_active_run() -> dict[str, Any]:
                  == BUCKETS, 15, what="all buckets owned")
         time.sleep(1)
         res["pps"] = round(blast(lab))
-        start_servers(lab)
+        flow_server(lab)
         tcp, udp = flows(lab, "client", 200, False), flows(lab, "client2", 100, True)
         time.sleep(2)
         owner = {b: r for r, s in sp.items() for b in cluster_status(lab, s)["owned"]}
@@ -163,7 +145,7 @@ def all_active_run() -> dict[str, Any]:
         wait_for(lambda: sum(len(cluster_status(lab, sp[r])["owned"]) for r in ("r2", "r3"))
                  == BUCKETS, 10, what="survivors own every bucket")
         time.sleep(3)
-        rt, ru = stop(lab, tcp), stop(lab, udp)
+        rt, ru = flow_result(lab, tcp), flow_result(lab, udp)
         per: Counter[str] = Counter()
         r1_gaps = []
         for result, host, proto in ((rt, "client", 6), (ru, "client2", 17)):
@@ -201,7 +183,7 @@ def single_active_run() -> dict[str, Any]:
         wait_for(lambda: set(states(lab, sp["r2"])) == {"BACKUP"}, 10, what="r2 backup")
         time.sleep(1)
         res["pps"] = round(blast(lab))
-        start_servers(lab)
+        flow_server(lab)
         tcp, udp = flows(lab, "client", 200, False), flows(lab, "client2", 100, True)
         time.sleep(12)
         cut = lab.prepare_cut("r1")
@@ -209,7 +191,7 @@ def single_active_run() -> dict[str, Any]:
         wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 10,
                  what="r2 holds both VIPs")
         time.sleep(3)
-        rt, ru = stop(lab, tcp), stop(lab, udp)
+        rt, ru = flow_result(lab, tcp), flow_result(lab, udp)
         gaps = rt["stall_ms_per_flow"] + ru["stall_ms_per_flow"]
         res["lost_member_flows"] = len(gaps)
         res["lost_member_gap_ms_median_max"] = [round(statistics.median(gaps), 1),

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -292,3 +293,42 @@ def cluster_config(lab: Lab, router: str, interval_ms: int = 100,
 
 def cluster_status(lab: Lab, speaker: Speaker) -> dict[str, Any]:
     return dict(status(lab, speaker)["cluster"])
+
+
+TCPFLOWS = Path(__file__).resolve().parent / "tcpflows.py"
+
+
+def flow_server(lab: Lab, host: str = "server") -> None:
+    """tcpflows.py's echo server (TCP and UDP, IPv4 and IPv6) on a host."""
+    lab.popen(host, [sys.executable, str(TCPFLOWS), "serve"], log="tcp-server.log")
+    time.sleep(0.3)
+
+
+def flow_client(lab: Lab, host: str, server: str, flows: int, seconds: float = 120,
+                udp: bool = False) -> subprocess.Popen[bytes]:
+    """tcpflows.py's client: `flows` long-lived connections to `server`; `flow_result`
+    stops it and returns what it saw."""
+    return lab.popen(host, [sys.executable, str(TCPFLOWS), "run", server, "--flows",
+                            str(flows), "--seconds", str(seconds),
+                            *(["--udp"] if udp else [])], stdout=subprocess.PIPE)
+
+
+def flow_result(lab: Lab, proc: subprocess.Popen[bytes], timeout: float = 30) -> dict[str, Any]:
+    os.kill(proc.pid, signal.SIGTERM)
+    out = json.loads(proc.communicate(timeout=timeout)[0] or b"{}")
+    lab.procs.pop(proc.pid, None)
+    return dict(out)
+
+
+def flow_bucket_of(lab: Lab, host: str, proto: int, port: int, server: str, server_port: int,
+                   buckets: int, seed: bytes) -> int:
+    """The all-active bucket of a host's flow, hashed as the members hash it."""
+    from ipaddress import ip_address
+
+    from vipd.core.cluster import flow_bucket
+
+    spec = lab.topo.hosts[host]
+    caddr = lab.topo.address(spec["vlan"], "ipv4", int(spec["id"]))
+    assert caddr is not None
+    return flow_bucket(proto, caddr.ip.packed, port, ip_address(server).packed, server_port,
+                       buckets, seed)

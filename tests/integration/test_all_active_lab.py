@@ -7,15 +7,9 @@ comes back, the connections keep working), and a cut of one member's sync link."
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
-from ipaddress import ip_address
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,14 +19,15 @@ from scenario import (
     Speaker,
     cluster_config,
     cluster_status,
+    flow_bucket_of,
+    flow_client,
+    flow_result,
+    flow_server,
     start_vipd,
     stateful_firewall,
     status,
 )
 
-from vipd.core.cluster import flow_bucket
-
-HERE = Path(__file__).resolve().parents[2] / "netns-lab"
 SERVER = "198.51.100.100"
 ROUTERS = ("r1", "r2", "r3")
 BUCKETS = 16
@@ -114,28 +109,19 @@ def owner_of(lab: Lab, sp: dict[str, Speaker]) -> dict[int, str]:
 
 
 def run_flows(lab: Lab, host: str, n: int, udp: bool = False) -> subprocess.Popen[bytes]:
-    return lab.popen(host, [sys.executable, str(HERE / "tcpflows.py"), "run", SERVER,
-                            "--flows", str(n), "--seconds", "120",
-                            *(["--udp"] if udp else [])], stdout=subprocess.PIPE)
+    return flow_client(lab, host, SERVER, n, 120, udp)
 
 
 def result(lab: Lab, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    os.kill(proc.pid, signal.SIGTERM)
-    out = json.loads(proc.communicate(timeout=20)[0] or b"{}")
-    lab.procs.pop(proc.pid, None)
-    return dict(out)
+    return flow_result(lab, proc, 20)
 
 
 def shares(lab: Lab, res: dict[str, Any], client: str, proto: int,
            owner: dict[int, str]) -> Counter[str]:
     """Which member handles each flow: the owner of its bucket, hashed here as the members
     hash it (client address and port, server address and port)."""
-    caddr = ip_address(str(lab.topo.address("lanA", "ipv4",
-                                            lab.topo.hosts[client]["id"]).ip)).packed
-    saddr = ip_address(SERVER).packed
-    seed = b"lab"
-    return Counter(owner[flow_bucket(proto, caddr, port, saddr, 5001, BUCKETS, seed)]
-                   for port in res["ports"])
+    return Counter(owner[flow_bucket_of(lab, client, proto, port, SERVER, 5001, BUCKETS,
+                                        b"lab")] for port in res["ports"])
 
 
 def pings(lab: Lab, host: str, count: int = 20) -> tuple[int, int]:
@@ -149,9 +135,7 @@ def test_all_active_shares_flows_moves_buckets_on_loss_and_takes_them_back(
         trio: Lab) -> None:
     lab = trio
     sp = start(lab)
-    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
-              log="tcp-server.log")
-    time.sleep(0.3)
+    flow_server(lab)
     tcp = run_flows(lab, "client", 200)
     udp = run_flows(lab, "client2", 100, udp=True)
     time.sleep(3)
@@ -201,12 +185,8 @@ def test_ipv6_vips_are_shared_too(trio: Lab) -> None:
     (their checksum kept right), every member gets the frames, one forwards each packet."""
     lab = trio
     sp = start(lab)
-    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
-              log="tcp-server.log")
-    time.sleep(0.3)
-    udp = lab.popen("client2", [sys.executable, str(HERE / "tcpflows.py"), "run",
-                                "2001:db8:b::64", "--flows", "60", "--seconds", "60", "--udp"],
-                    stdout=subprocess.PIPE)
+    flow_server(lab)
+    udp = flow_client(lab, "client2", "2001:db8:b::64", 60, 60, udp=True)
     out = lab.run("client", ["ping", "-6", "-n", "-i", "0.05", "-c", "20", "-W", "1",
                              "2001:db8:b::64"], check=False).stdout
     neigh = lab.run("client", ["ip", "-6", "neigh", "show", "2001:db8:a::1"]).stdout
@@ -222,9 +202,7 @@ def test_ipv6_vips_are_shared_too(trio: Lab) -> None:
 def test_a_cut_sync_link_keeps_one_owner_per_bucket_and_the_flows(trio: Lab) -> None:
     lab = trio
     sp = start(lab)
-    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
-              log="tcp-server.log")
-    time.sleep(0.3)
+    flow_server(lab)
     udp = run_flows(lab, "client2", 60, udp=True)
     time.sleep(2)
     lab.cut("r1", segments=["sync"])

@@ -6,7 +6,6 @@ fail). Polls observable state with deadlines."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,9 @@ import pytest
 from lab import Lab, wait_for
 from scenario import (
     Speaker,
+    flow_client,
+    flow_result,
+    flow_server,
     holder,
     start_vipd,
     stateful_firewall,
@@ -28,7 +30,6 @@ from scenario import (
     vipd_config,
 )
 
-HERE = Path(__file__).resolve().parents[2] / "netns-lab"
 INTERVAL_MS = 100
 FLOWS = 200
 SERVER = "198.51.100.100"
@@ -54,20 +55,8 @@ def start(lab: Lab, sync: bool) -> tuple[Speaker, Speaker]:
 
 
 def flows(lab: Lab, udp: bool = False) -> subprocess.Popen[bytes]:
-    lab.popen("server", [sys.executable, str(HERE / "tcpflows.py"), "serve"],
-              log="tcp-server.log")
-    time.sleep(0.3)
-    return lab.popen("client", [sys.executable, str(HERE / "tcpflows.py"), "run", SERVER,
-                                "--flows", str(FLOWS), "--seconds", "60",
-                                *(["--udp"] if udp else [])],
-                     stdout=subprocess.PIPE)
-
-
-def result(lab: Lab, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
-    os.kill(proc.pid, signal.SIGTERM)
-    out = json.loads(proc.communicate(timeout=20)[0] or b"{}")
-    lab.procs.pop(proc.pid, None)
-    return dict(out)
+    flow_server(lab)
+    return flow_client(lab, "client", SERVER, FLOWS, 60, udp)
 
 
 def cut_master(lab: Lab, client: subprocess.Popen[bytes]) -> dict[str, Any]:
@@ -77,7 +66,7 @@ def cut_master(lab: Lab, client: subprocess.Popen[bytes]) -> dict[str, Any]:
     wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 5,
              what="r2 holds both VIPs")
     time.sleep(4)
-    return result(lab, client)
+    return flow_result(lab, client, 20)
 
 
 def synced_to_r2(lab: Lab, r2: Speaker, n: int) -> None:
@@ -137,7 +126,7 @@ def test_tcp_flows_survive_a_planned_handoff_and_come_back(lab: Lab) -> None:
     wait_for(lambda: holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"], 5,
              what="r1 back")
     time.sleep(2)
-    res = result(lab, client)
+    res = flow_result(lab, client, 20)
     print("handoff:", res)
     assert res["broken"] == 0 and res["stalled"] == 0, res
     # both ways without a retransmission timeout: r2 told r1 of the flows it took over,
@@ -155,7 +144,7 @@ def test_tcp_flows_survive_kill_9_of_the_masters_vipd(lab: Lab) -> None:
     # takes over and announces, so the hosts move to r2, which has the flows
     wait_for(lambda: set(states(lab, r2)) == {"MASTER"}, 5, what="r2 takes over")
     time.sleep(4)
-    res = result(lab, client)
+    res = flow_result(lab, client, 20)
     print("kill -9:", res)
     assert res["broken"] == 0 and res["stalled"] == 0, res
 
