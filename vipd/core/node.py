@@ -446,10 +446,9 @@ class Node:
         if slot.retry_at is not None and now >= slot.retry_at:
             slot.retry_at = None
             if slot.awaiting_release:  # the previous owner never said it let go
-                slot.awaiting_release = False
                 if slot.router.state is State.MASTER:
                     self.release_timeouts += 1
-                    self._actions.append(SetVips(slot.key, True))
+                self.forget_release_wait(slot)
             elif slot.router.state is State.MASTER and not slot.installing:
                 self._ask_install(slot, now)
         deadline = slot.router.get_timer()
@@ -552,8 +551,8 @@ class Node:
         if view[0] == MASTER_CODE:
             if slot.spec.bucket is None:
                 self._check_split_brain(slot, now)
-        elif slot.awaiting_release and self.peer_master_with_link(slot) is None:
-            self.forget_release_wait(slot)
+        else:
+            self._release_heard(slot)
 
     def forget_peer_views(self, node_id: int) -> None:
         """A peer went silent on the sync link: what it said is no longer its word. A
@@ -562,9 +561,13 @@ class Node:
         for wid, views in self._peer_views.items():
             if views.pop(node_id, None) is not None:
                 slot = self._by_wire.get(wid)
-                if slot is not None and slot.awaiting_release \
-                        and self.peer_master_with_link(slot) is None:
-                    self.forget_release_wait(slot)
+                if slot is not None:
+                    self._release_heard(slot)
+
+    def _release_heard(self, slot: Slot) -> None:
+        """A waiting bucket proceeds once no peer claims it any more."""
+        if slot.awaiting_release and self.peer_master_with_link(slot) is None:
+            self.forget_release_wait(slot)
 
     def forget_release_wait(self, slot: Slot) -> None:
         """The previous owner let go of the bucket (or is gone): own it now."""

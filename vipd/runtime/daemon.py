@@ -211,9 +211,9 @@ class Daemon:
                  ", ".join(str(v) for _, v in self.cluster_vips))
 
     async def _poll_counters(self) -> None:
+        assert self.cluster is not None  # started by _start_cluster
         while True:
-            if self.cluster is not None:
-                self.cluster_counters = await self.cluster.counters()
+            self.cluster_counters = await self.cluster.counters()
             await asyncio.sleep(1.0)
 
     async def _stop_cluster(self) -> None:
@@ -267,7 +267,7 @@ class Daemon:
                 self._lags.popleft()
 
     def loop_lag_s(self) -> float | None:
-        return max((lag for _, lag in self._lags), default=None) if self._lags else None
+        return max((lag for _, lag in self._lags), default=None)
 
     async def _watchdog(self, every_s: float) -> None:
         """systemd's watchdog, pinged from the loop itself: a loop that stops turning stops
