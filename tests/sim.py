@@ -22,6 +22,7 @@ from vipd.core.packet import (
     IpMeta,
 )
 from vipd.core.router import RouterConfig, State, VirtualRouter
+from vipd.core.track import TrackerSpec, TrackRef, TrackState
 
 VIP = IPv4Address("192.0.2.1")
 
@@ -74,17 +75,22 @@ class Segment:
         self.now = Fraction(0)
         self.nodes: list[Node] = []
         self.group: dict[int, int] = {}
-        self._queue: deque[tuple[Node, bytes]] = deque()
+        self._queue: deque[tuple[Node, bytes, IPAddress | None]] = deque()
         self.log: list[tuple[Fraction, str, str, str]] = []
 
-    def add(self, config: RouterConfig, address: str | None = None) -> Node:
+    def add(self, config: RouterConfig, address: str | None = None, *,
+            peers: tuple[IPAddress, ...] = (), trackers: tuple[TrackerSpec, ...] = (),
+            track: tuple[TrackRef, ...] = ()) -> Node:
+        """A node with one router; `peers`: unicast peers; `trackers`/`track`: what it
+        follows (set their states with `track`)."""
         addr: IPAddress
         if address is None:
             addr = IPv4Address(f"192.0.2.{10 + len(self.nodes)}")
         else:
             addr = IPv4Address(address) if ":" not in address else IPv6Address(address)
         vip = ip_interface(f"{config.addresses[0]}/{24 if config.family == 4 else 64}")
-        core = NodeCore([RouterSpec(LAN, LAN, config, (vip,))], "per-vlan-active")
+        core = NodeCore([RouterSpec(LAN, LAN, config, (vip,), peers=peers, track=track)],
+                        "per-vlan-active", trackers=trackers)
         prefix = 24 if addr.version == 4 else 64
         core.set_addresses(LAN, [(ip_interface(f"{addr}/{prefix}"), 0)])
         core.set_link(self.now, LAN, True)
@@ -107,6 +113,11 @@ class Segment:
 
     def maintenance(self, node: Node, on: bool) -> None:
         node.core.set_maintenance(self.now, on)
+        self._apply(node)
+        self._drain()
+
+    def track(self, node: Node, name: str, state: TrackState) -> None:
+        node.core.set_track(self.now, name, state)
         self._apply(node)
         self._drain()
 
@@ -162,7 +173,7 @@ class Segment:
         for a in node.core.pop_actions():
             if isinstance(a, Send):
                 node.sent.append(a.payload)
-                self._queue.append((node, a.payload))
+                self._queue.append((node, a.payload, a.dst))
             elif isinstance(a, SetVips):
                 node.holds_vips = a.present
                 node.core.vips_applied(self.now, a.key, a.present, True)
@@ -173,16 +184,19 @@ class Segment:
 
     def _drain(self) -> None:
         while self._queue:
-            sender, raw = self._queue.popleft()
+            sender, raw, dst = self._queue.popleft()
             for n in self.nodes:
                 if n is sender or not n.alive or self.group[id(n)] != self.group[id(sender)]:
                     continue
-                self._deliver(n, sender, raw)
+                if dst is not None and n.address != dst:
+                    continue  # unicast: only its destination hears it
+                self._deliver(n, sender, raw, dst)
 
-    def _deliver(self, node: Node, sender: Node, raw: bytes) -> None:
+    def _deliver(self, node: Node, sender: Node, raw: bytes,
+                 dst: IPAddress | None = None) -> None:
         """Through the daemon's receive path: the node core's `receive`."""
         family = sender.address.version
-        meta = IpMeta(family, sender.address, VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6,
-                      255)
+        group = VRRP_GROUP_V4 if family == 4 else VRRP_GROUP_V6
+        meta = IpMeta(family, sender.address, dst or group, 255)
         node.core.receive(LAN, family, [(raw, meta, self.now)])
         self._apply(node)

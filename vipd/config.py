@@ -31,6 +31,7 @@ from vipd.core.node import RouterSpec
 from vipd.core.packet import ChecksumVariant, IPAddress
 from vipd.core.router import RouterConfig
 from vipd.core.timing import ms_to_s
+from vipd.core.track import NODE, TrackerSpec, TrackRef
 from vipd.defaults import DEFAULT_CONTROL_SOCKET
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -86,6 +87,10 @@ class InstanceConfig:
     # keepalived 2.2 lists only the configured (global) VIPs and drops adverts whose count
     # differs from its own, so against it this must be false.
     advertise_link_local: bool = True
+    track: tuple[TrackRef, ...] = ()
+    # keepalived's unicast_peer: adverts go to these instead of the multicast group, and
+    # adverts from any other source are dropped (counted as unknown_peer)
+    unicast_peers: tuple[IPAddress, ...] = ()
 
     def families(self) -> list[int]:
         return sorted({v.version for v in self.vips})
@@ -102,6 +107,16 @@ class VlanConfig:
     # all-active: the VLAN's shared VIPs and the multicast MAC that ARP answers with
     vips: tuple[IPInterface, ...] = ()
     multicast_mac: str = ""
+    track: tuple[TrackRef, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """per-vlan-active: VLANs whose routers move together (keepalived's sync groups)."""
+
+    name: str
+    vlans: tuple[str, ...]
+    track: tuple[TrackRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,6 +199,28 @@ class Config:
     source: str = field(default="", compare=False)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     cluster: ClusterConfig | None = None
+    trackers: tuple[TrackerSpec, ...] = ()
+    track: tuple[TrackRef, ...] = ()  # followed by every router of the node
+    groups: tuple[GroupConfig, ...] = ()
+
+    def group_of(self, vlan: str) -> str | None:
+        """The group a VLAN's routers move with: the node (single-active, all-active), its
+        named group (per-vlan-active), or none."""
+        if self.mode is not Mode.PER_VLAN_ACTIVE:
+            return NODE
+        return next((g.name for g in self.groups if vlan in g.vlans), None)
+
+    def track_of(self, vlan: VlanConfig | None, inst: InstanceConfig | None = None
+                 ) -> tuple[TrackRef, ...]:
+        """Every tracker a router follows: the node's, its group's, its VLAN's, its own."""
+        refs = list(self.track)
+        if vlan is not None:
+            group = self.group_of(vlan.name)
+            refs += [r for g in self.groups if g.name == group for r in g.track]
+            refs += vlan.track
+        if inst is not None:
+            refs += inst.track
+        return tuple(refs)
 
 
 def virtual_mac(vrid: int, family: int) -> str:
@@ -269,7 +306,8 @@ def cluster_specs(cfg: Config) -> list[RouterSpec]:
             addresses=((virtual_link_local(cl.vrid_base + b).ip, first.ip)
                        if first.version == 6 else (first.ip,)),
             preempt=True, accept_mode=True, garp_count=0)
-        specs.append(RouterSpec(vlan.name, vlan.interface, rc, (), bucket=b))
+        specs.append(RouterSpec(vlan.name, vlan.interface, rc, (), bucket=b, group=NODE,
+                                track=cfg.track))
     return specs
 
 
@@ -283,7 +321,10 @@ def router_specs(cfg: Config) -> list[RouterSpec]:
             all_vips = link_local_vips(inst)
             for rc in router_configs(vlan, inst):
                 vips = tuple(v for v in all_vips if v.version == rc.family)
-                specs.append(RouterSpec(vlan.name, vlan.interface, rc, vips, inst.virtual_mac))
+                peers = tuple(a for a in inst.unicast_peers if a.version == rc.family)
+                specs.append(RouterSpec(vlan.name, vlan.interface, rc, vips, inst.virtual_mac,
+                                        peers=peers, group=cfg.group_of(vlan.name),
+                                        track=cfg.track_of(vlan, inst)))
     return specs
 
 
@@ -406,7 +447,8 @@ def _vip(v: object) -> IPInterface:
 def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None:
     known = {"vrid", "priority", "advert_interval", "version", "preempt", "preempt_delay",
              "accept_mode", "v2_compat", "checksum", "virtual_mac", "garp", "vips",
-             "reannounce_on_lower", "address_check", "advertise_link_local"}
+             "reannounce_on_lower", "address_check", "advertise_link_local", "track",
+             "unicast_peers"}
     m = p.mapping(path, raw, known)
     if not m:
         return None
@@ -474,10 +516,191 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
         address_check=p.opt(path, m, "address_check", _one_of("relaxed", "strict"),
                             "is not relaxed or strict", "relaxed"),
         advertise_link_local=p.opt(path, m, "advertise_link_local", _bool, tf, True),
+        track=_track_refs(p, path, m, "instance"),
+        unicast_peers=p.opt(path, m, "unicast_peers", _ip_list,
+                            "is not a non-empty list of IP addresses", ()),
     )
     if inst.v2_compat and inst.version != 3:
         p.err(f"{path}.v2_compat", True, "only applies to version 3 instances")
+    if inst.unicast_peers:
+        for fam in inst.families():
+            if not any(a.version == fam for a in inst.unicast_peers):
+                p.err(f"{path}.unicast_peers", [str(a) for a in inst.unicast_peers],
+                      f"has no IPv{fam} peer for the instance's IPv{fam} VIPs")
+        if len(set(inst.unicast_peers)) != len(inst.unicast_peers):
+            p.err(f"{path}.unicast_peers", [str(a) for a in inst.unicast_peers],
+                  "lists an address twice")
     return inst if len(p.errors) == nerr else None
+
+
+def _ip_list(v: object) -> tuple[IPAddress, ...]:
+    if not isinstance(v, list) or not v:
+        raise ValueError(v)
+    return tuple(_ip(x) for x in v)
+
+
+MAX_WEIGHT = 254
+
+
+def _track_refs(p: _Parser, path: str, m: Mapping[str, Any], via: str) -> tuple[TrackRef, ...]:
+    """`track: [name, {name: NAME, weight: N}, ...]`: the trackers followed here."""
+    raw = m.get("track")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        p.err(f"{_join(path, 'track')}", raw, "is not a list of tracker names")
+        return ()
+    refs: list[TrackRef] = []
+    for i, r in enumerate(raw):
+        at = f"{_join(path, 'track')}[{i}]"
+        if isinstance(r, str) and r:
+            refs.append(TrackRef(r, None, via))
+            continue
+        rm = p.mapping(at, r, {"name", "weight"})
+        name = p.get(at, rm, "name", _label, "is not a tracker name", required=True)
+        weight = p.get(at, rm, "weight", _int_in(-MAX_WEIGHT, MAX_WEIGHT),
+                       f"is not a weight (-{MAX_WEIGHT}..{MAX_WEIGHT})")
+        if name:
+            refs.append(TrackRef(name, weight, via))
+    return tuple(refs)
+
+
+def _parse_trackers(p: _Parser, raw: object) -> tuple[TrackerSpec, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        p.err("trackers", raw, "is not a mapping of tracker names")
+        return ()
+    out: list[TrackerSpec] = []
+    for name, body in raw.items():
+        path = f"trackers.{str(name)[:60]}"
+        try:
+            name = _label(name)
+        except (ValueError, TypeError):
+            p.err(path, name, "is not a tracker name")
+            continue
+        m = p.mapping(path, body, {"interface", "script", "file", "weight", "interval",
+                                   "timeout", "rise", "fall", "user"})
+        kinds = [k for k in ("interface", "script", "file") if k in m]
+        if len(kinds) != 1:
+            p.err(path, "...", "needs exactly one of interface, script or file")
+            continue
+        kind = kinds[0]
+        weight = p.opt(path, m, "weight", _int_in(-MAX_WEIGHT, MAX_WEIGHT),
+                       f"is not a weight (-{MAX_WEIGHT}..{MAX_WEIGHT})", 1 if kind == "file" else 0)
+        interval = p.opt(path, m, "interval", parse_duration_ms, "is not a duration", 1000)
+        timeout = p.opt(path, m, "timeout", parse_duration_ms, "is not a duration",
+                        min(2000, interval))
+        for key, v, lo in (("interval", interval, 100), ("timeout", timeout, 10)):
+            if not lo <= v <= 3_600_000:
+                p.err(_join(path, key), m.get(key), f"is not {lo} ms to 1 h")
+        if kind != "script":
+            for key in ("rise", "fall", "user", "timeout"):
+                if key in m:
+                    p.err(_join(path, key), m[key], "only applies to a script")
+        if kind == "interface" and "interval" in m:
+            p.err(_join(path, "interval"), m["interval"], "does not apply to an interface "
+                  "(its state comes from netlink)")
+        user = p.opt(path, m, "user", _user, "is not a user of this system", "")
+        spec = TrackerSpec(
+            name=name, kind=kind,
+            interface=p.opt(path, m, "interface", _name, "is not an interface name", "")
+            if kind == "interface" else "",
+            argv=p.opt(path, m, "script", _argv, "is not a command (a list of strings, the "
+                       "first an absolute path)", ()) if kind == "script" else (),
+            path=p.opt(path, m, "file", _path, "is not an absolute path", "")
+            if kind == "file" else "",
+            interval_ms=interval, timeout_ms=timeout,
+            rise=p.opt(path, m, "rise", _int_in(1, 100), "is not a count (1..100)", 1),
+            fall=p.opt(path, m, "fall", _int_in(1, 100), "is not a count (1..100)", 1),
+            user=user, weight=weight)
+        out.append(spec)
+    return tuple(out)
+
+
+def _user(v: object) -> str:
+    import pwd
+
+    if not isinstance(v, str) or not v:
+        raise ValueError(v)
+    try:
+        pwd.getpwnam(v)
+    except KeyError:
+        raise ValueError(v) from None
+    return v
+
+
+def _parse_groups(p: _Parser, raw: object, vlans: list[VlanConfig]) -> tuple[GroupConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        p.err("groups", raw, "is not a mapping of group names")
+        return ()
+    names = {v.name for v in vlans}
+    taken: dict[str, str] = {}
+    out: list[GroupConfig] = []
+    for name, body in raw.items():
+        path = f"groups.{str(name)[:60]}"
+        try:
+            name = _label(name)
+        except (ValueError, TypeError):
+            p.err(path, name, "is not a group name")
+            continue
+        if name == NODE:
+            p.err(path, name, f"is reserved (\"{NODE}\" names every router of the node)")
+        m = p.mapping(path, body, {"vlans", "track"})
+        members = m.get("vlans")
+        if not isinstance(members, list) or len(members) < 2 or not all(
+                isinstance(x, str) for x in members):
+            p.err(_join(path, "vlans"), members, "is not a list of two or more VLAN names")
+            continue
+        for v in members:
+            if v not in names:
+                p.err(_join(path, "vlans"), v, "is not one of the VLANs")
+            elif v in taken:
+                p.err(_join(path, "vlans"), v, f"is already in group {taken[v]}")
+            else:
+                taken[v] = name
+        out.append(GroupConfig(name, tuple(members), _track_refs(p, path, m, f"group {name}")))
+    return tuple(out)
+
+
+def _check_tracking(p: _Parser, cfg_mode: Mode | None, trackers: tuple[TrackerSpec, ...],
+                    node_refs: tuple[TrackRef, ...], groups: tuple[GroupConfig, ...],
+                    vlans: list[VlanConfig]) -> None:
+    """Every followed tracker exists; weights stay where they cannot split a group: in
+    single-active only the node's list may carry weights (every VLAN moves together), in a
+    named group only the group's, and in all-active none (the buckets' priorities are the
+    cluster's ranking)."""
+    specs = {t.name: t for t in trackers}
+    grouped = {v for g in groups for v in g.vlans}
+
+    def check(path: str, refs: tuple[TrackRef, ...], weights_ok: bool, why: str) -> None:
+        for i, r in enumerate(refs):
+            spec = specs.get(r.tracker)
+            if spec is None:
+                p.err(f"{path}[{i}]", r.tracker, "is not a tracker (see trackers:)")
+                continue
+            weight = spec.weight if r.weight is None else r.weight
+            if weight and not weights_ok:
+                p.err(f"{path}[{i}]", r.tracker, f"has weight {weight}: {why}")
+
+    aa = cfg_mode is Mode.ALL_ACTIVE
+    check("track", node_refs, not aa, "all-active ranks the buckets itself (weight 0: "
+          "a fault drains every bucket)")
+    for g in groups:
+        check(f"groups.{g.name}.track", g.track, True, "")
+    for i, v in enumerate(vlans):
+        if cfg_mode is Mode.SINGLE_ACTIVE:
+            why = "single-active moves every VLAN together: weight it in the top-level track"
+        elif v.name in grouped:
+            why = "the VLAN is in a group, whose members move together: weight it there"
+        else:
+            why = "all-active ranks the buckets itself"
+        alone = cfg_mode is Mode.PER_VLAN_ACTIVE and v.name not in grouped
+        check(f"vlans[{i}].track", v.track, alone, why)
+        for j, inst in enumerate(v.instances):
+            check(f"vlans[{i}].instances[{j}].track", inst.track, alone, why)
 
 
 def _protocols(v: object) -> frozenset[int]:
@@ -533,7 +756,8 @@ def _checksum(v: object) -> ChecksumVariant:
 def parse(data: object, source: str = "") -> Config:
     """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
     p = _Parser()
-    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify", "cluster"})
+    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify", "cluster",
+                               "trackers", "track", "groups"})
     node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
                                                         "control_socket_mode",
                                                         "realtime_priority", "metrics"})
@@ -561,8 +785,9 @@ def parse(data: object, source: str = "") -> Config:
         raw_vlans = []
     for i, rv in enumerate(raw_vlans):
         path = f"vlans[{i}]"
-        m = p.mapping(path, rv, {"name", "interface", "instances", "vips", "multicast_mac"}
-                      if all_active else {"name", "interface", "instances"})
+        m = p.mapping(path, rv, {"name", "interface", "instances", "vips", "multicast_mac",
+                                 "track"}
+                      if all_active else {"name", "interface", "instances", "track"})
         if not m:
             continue
         name = p.get(path, m, "name", _label, "is not a VLAN name", required=True)
@@ -578,8 +803,9 @@ def parse(data: object, source: str = "") -> Config:
                          "addresses with prefix length", required=True) or ()
             mac = p.opt(path, m, "multicast_mac", _multicast_mac, "is not a multicast MAC "
                         "address (first octet odd)", default_multicast_mac(i))
+            track = _track_refs(p, path, m, f"vlan {name}")
             if name and ifname and vips:
-                vlans.append(VlanConfig(name, ifname, (), tuple(vips), mac))
+                vlans.append(VlanConfig(name, ifname, (), tuple(vips), mac, track))
             continue
         if not isinstance(raw_insts, list) or not raw_insts:
             p.err(f"{path}.instances", raw_insts, "is not a non-empty list")
@@ -595,8 +821,9 @@ def parse(data: object, source: str = "") -> Config:
                           f"is already used for IPv{fam} by instances[{seen[inst.vrid, fam]}]")
                 seen[inst.vrid, fam] = j
             insts.append(inst)
+        track = _track_refs(p, path, m, f"vlan {name}")
         if name and ifname:
-            vlans.append(VlanConfig(name, ifname, tuple(insts)))
+            vlans.append(VlanConfig(name, ifname, tuple(insts), track=track))
     for attr in ("name", "interface"):
         values = [getattr(v, attr) for v in vlans]
         for i, v in enumerate(values):
@@ -663,10 +890,20 @@ def parse(data: object, source: str = "") -> Config:
                     cmds.append((ev, argv))
         timeout = p.opt("notify", nm, "timeout", parse_duration_ms, "is not a duration", 5000)
         notify = NotifyConfig(tuple(cmds), timeout)
+    trackers = _parse_trackers(p, top.get("trackers"))
+    node_track = _track_refs(p, "", top, NODE)
+    groups: tuple[GroupConfig, ...] = ()
+    if "groups" in top:
+        if mode is not Mode.PER_VLAN_ACTIVE:
+            p.err("groups", "...", "are for per-vlan-active (single-active and all-active "
+                  "already move every VLAN together)")
+        else:
+            groups = _parse_groups(p, top["groups"], vlans)
+    _check_tracking(p, mode, trackers, node_track, groups, vlans)
     if p.errors:
         raise ConfigError(_bounded(p.errors))
     return Config(node, mode or Mode.SINGLE_ACTIVE, tuple(vlans), sync, source, notify,
-                  cluster)
+                  cluster, trackers, node_track, groups)
 
 
 def _listen(v: object) -> str:

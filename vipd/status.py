@@ -12,6 +12,7 @@ from typing import Any
 from vipd.core.packet import DropReason, IPAddress
 from vipd.core.router import State, VirtualRouter
 from vipd.core.timing import cs_to_ms, s_to_ms
+from vipd.core.track import Contribution
 
 
 @dataclass
@@ -29,6 +30,9 @@ class RouterView:
     vips_repaired: int = 0
     static: dict[str, Any] | None = None  # static_status(), kept by whoever owns the router
     split_brain_with: int | None = None  # a peer node saying over the sync link: master too
+    unicast_peers: tuple[str, ...] = ()
+    group: str | None = None  # the group it moves with (None: alone)
+    contributions: tuple[Contribution, ...] = ()  # what moved its priority (tracking, demote)
 
 
 def _age(now: float, t: Fraction | None) -> float | None:
@@ -58,6 +62,7 @@ def static_status(v: RouterView) -> dict[str, Any]:
         "vips": list(v.vips),
         "address_check": "strict" if c.strict_addresses else "relaxed",
         "checksum_sent": c.checksum.value,
+        "unicast_peers": list(v.unicast_peers),
     }
 
 
@@ -71,6 +76,10 @@ def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
     out.update({
         "state": r.state.value,
         "effective_priority": r.priority,
+        # why it is what it is: each tracker or demotion that moves it (a fault: delta 0)
+        "priority_contributions": [{"source": c.source, "delta": c.delta, "fault": c.fault}
+                                   for c in v.contributions],
+        "group": v.group,
         "maintenance": r.maintenance,
         "drains": sorted(r.drains),
         "primary_address": _s(r.primary_address) if r.primary_address else None,

@@ -3,6 +3,9 @@
     vipctl [-s SOCKET] status [--json]     exit 0 healthy, 1 degraded, 2 daemon unreachable
     vipctl [-s SOCKET] maintenance on|off  drain this node / bring it back
     vipctl [-s SOCKET] reload              re-read the configuration (like SIGHUP)
+    vipctl [-s SOCKET] demote TARGET +N|-N|0
+                                           lower the priority of every router (TARGET
+                                           node) or of a group's, by a counter
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def render(status: dict[str, Any]) -> str:
             ("VLAN / interface", f"{i['vlan']} / {i['interface']}"),
             ("VRID / family", f"{i['vrid']} / {i['family']} (VRRPv{i['version']})"),
             ("state", i["state"] + "".join(f"  [{d}]" for d in i["drains"])),
-            ("priority", f"{i['priority']} configured, {i['effective_priority']} effective"),
+            ("priority", f"{i['priority']} configured, {i['effective_priority']} effective"
+             + "".join(f"; {c['source']} " + ("FAULT" if c["fault"] else f"{c['delta']:+d}")
+                       for c in i.get("priority_contributions", ()))),
             ("master", master),
             ("advert interval", f"{_ms(i['advert_interval_ms'])} sent, "
                                 f"{_ms(i['master_adver_interval_ms'])} learned"),
@@ -85,6 +90,10 @@ def render(status: dict[str, Any]) -> str:
             ("adverts", f"{i['adverts_sent']} sent, {i['adverts_received']} received"),
             ("drops", ", ".join(f"{k} {n}" for k, n in i["drops"].items()) or "none"),
         ]
+        if i.get("group") and i["group"] != "node":
+            rows.insert(1, ("group", i["group"]))
+        if i.get("unicast_peers"):
+            rows.insert(2, ("unicast peers", ", ".join(i["unicast_peers"])))
         if i["notes"]:
             rows.append(("accepted, noted", ", ".join(f"{k} {n}" for k, n in i["notes"].items())))
         for peer in i["peers"]:
@@ -103,6 +112,20 @@ def render(status: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"{i['name']}")
         lines += [f"  {k:<18} {v}" for k, v in rows]
+    tr = status.get("tracking") or {}
+    if tr.get("trackers") or tr.get("demotions"):
+        lines.append("")
+        lines.append("tracking")
+        for t in tr.get("trackers", ()):
+            state = {True: "ok", False: "FAILING", None: "unknown"}[t["ok"]]
+            if t["kind"] == "file" and t["value"] is not None:
+                state += f", value {t['value']}"
+            weight = f"weight {t['weight']:+d}" if t["weight"] else "FAULT when failing"
+            extra = f", last {t['last']}" if t.get("last") else ""
+            lines.append(f"  {t['name']:<16} {t['kind']} {t['target']}: {state} ({weight}, "
+                         f"{t['followers']} routers{extra})")
+        for target, n in sorted(tr.get("demotions", {}).items()):
+            lines.append(f"  demoted {target} by {n}")
     iface_drops = [(f["name"], fam, d) for f in status["interfaces"]
                    for fam, d in f["drops"].items() if d]
     if iface_drops:
@@ -172,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     sy = sub.add_parser("sync", help="connection-state sync: peers, caches, last commit")
     sy.add_argument("--json", action="store_true")
     sub.add_parser("events", help="follow every transition and alarm (JSON lines)")
+    dm = sub.add_parser("demote", help="demotion counter: lower (+N), raise back (-N) or "
+                        "reset (0) the priority of every router (node) or of a group")
+    dm.add_argument("target", help="node, or a group's name")
+    dm.add_argument("change", help="+N, -N or 0")
     args = ap.parse_args(argv)
     if args.cmd == "events":
         return follow_events(args.socket)
@@ -182,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         req = {"command": "maintenance", "on": args.onoff == "on"}
     elif args.cmd == "sync":
         req = {"command": "sync"}
+    elif args.cmd == "demote":
+        req = {"command": "demote", "target": args.target, "change": args.change}
     else:
         req = {"command": "reload"}
     for attempt in range(BUSY_RETRIES + 1):
@@ -210,6 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(sync, indent=2) if args.json else render_sync(sync))
         healthy = sync["ready"] and all(p["reachable"] for p in sync["peers"])
         return EXIT_OK if healthy else EXIT_DEGRADED
+    if args.cmd == "demote":
+        d = reply["demote"]
+        print(f"{d['target']}: demotion {d['count']}" + (" (cleared)" if not d["count"] else
+                                                          f" (priority lowered by {d['count']})"))
+        return EXIT_OK
     print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
     return EXIT_OK
 

@@ -35,6 +35,7 @@ from vipd.core.packet import AddressDiff, Advert, DropReason, IPAddress, IpMeta,
 from vipd.core.policy import GROUP_FAULT, GroupPolicy
 from vipd.core.receive import Dropped, Receiver
 from vipd.core.router import OWNER_PRIORITY, RouterConfig, State, VirtualRouter
+from vipd.core.track import NODE, Effective, TrackerSpec, TrackRef, TrackState, effective
 
 Key = tuple[str, int, int]  # interface, vrid, family
 IPInterface = IPv4Interface | IPv6Interface
@@ -51,6 +52,7 @@ class Send:
     key: Key
     payload: bytes
     src: IPAddress
+    dst: IPAddress | None = None  # a unicast peer; None: the VRRP multicast group
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +143,13 @@ class RouterSpec:
     vips: tuple[IPInterface, ...]
     virtual_mac: bool = False
     bucket: int | None = None  # all-active: master of this router = owner of the bucket
+    # unicast peers (keepalived's unicast_peer): adverts go to each, and only theirs count
+    peers: tuple[IPAddress, ...] = ()
+    # what may change without restarting the router (a reload updates them in place):
+    # the group it moves with ("node": every router of the node; None: alone) and the
+    # trackers it follows
+    group: str | None = field(default=None, compare=False)
+    track: tuple[TrackRef, ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> Key:
@@ -167,8 +176,13 @@ class Slot:
     awaiting_release: bool = False
     released_view_due: bool = False  # its view goes out once the removal is applied
     vips_repaired: int = 0
+    group: str | None = None  # the group it moves with (see Node._index)
+    effective: Effective | None = None  # its priority explained (tracking, demotion)
+    track_faults: tuple[str, ...] = ()  # trackers that hold it in FAULT
     armed: tuple[Fraction, bool] | None = None  # the timer bucket it is filed in
-    advert: tuple[tuple[int, int, IPAddress], bytes] | None = None  # the last one encoded
+    # the last advert encoded: its fields, then one payload per destination (the group, or
+    # each unicast peer: the checksum covers the destination)
+    advert: tuple[tuple[int, int, IPAddress], tuple[bytes, ...]] | None = None
 
     @property
     def owner(self) -> bool:
@@ -187,7 +201,8 @@ class Slot:
 
 
 def make_slot(spec: RouterSpec) -> Slot:
-    return Slot(spec, VirtualRouter(spec.config), spec.key, receiver_view(spec.config))
+    return Slot(spec, VirtualRouter(spec.config), spec.key,
+                receiver_view(spec.config, spec.peers))
 
 
 @dataclass(eq=False)
@@ -210,6 +225,7 @@ class ReloadPlan:
     slots: dict[Key, Slot]
     kept: set[Key]
     mode: str
+    trackers: dict[str, TrackerSpec]
 
     def added(self) -> list[Slot]:
         return [s for k, s in self.slots.items() if k not in self.kept]
@@ -249,7 +265,8 @@ def primary_address(addrs: list[tuple[IPInterface, int]], family: int,
 
 class Node:
     def __init__(self, specs: Iterable[RouterSpec], mode: str,
-                 commit_before_vips: bool = False, watch: Iterable[str] = ()) -> None:
+                 commit_before_vips: bool = False, watch: Iterable[str] = (),
+                 trackers: Iterable[TrackerSpec] = ()) -> None:
         self.mode = mode
         # all-active: interfaces with no router of their own whose loss drains every
         # router of the node (the VLANs the buckets' traffic crosses)
@@ -260,7 +277,16 @@ class Node:
         self.sync_ready = not commit_before_vips
         self.slots: dict[Key, Slot] = {}
         self.links: dict[str, Link] = {}
-        self.policy = GroupPolicy(mode)
+        # the groups whose routers move together (vipd.core.policy), by name
+        self.policies: dict[str, GroupPolicy] = {}
+        self._members: dict[str, dict[Key, Slot]] = {}
+        # tracking: the trackers, their states, who follows each, and the demotion counters
+        # (by target: "node" or a group; they outlive a reload)
+        self.trackers: dict[str, TrackerSpec] = {t.name: t for t in trackers}
+        self.track_states: dict[str, TrackState] = {}
+        self.demotions: dict[str, int] = {}
+        self._followers: dict[str, dict[Key, Slot]] = {}
+        self._iface_trackers: dict[str, list[str]] = {}
         self.stopping = False
         self.stats = Stats()
         self._actions: deque[NodeAction] = deque()
@@ -280,6 +306,7 @@ class Node:
         self._install(make_slot(s) for s in specs)
         for name in self.watched:
             self.links.setdefault(name, Link(name))
+        self._index(Fraction(0))
         self.release_waits = 0  # buckets taken after waiting for the previous owner
         self.release_timeouts = 0  # ... of which the previous owner never said so
 
@@ -352,10 +379,14 @@ class Node:
         for slot in link.slots.values():
             self._follow_link(now, slot)
         if ifname in self.watched and self.mode == "all-active":
-            was = self.policy.active
-            self.policy.link(ifname, up)
-            if self.policy.active != was:
-                self._drain_group(now, self.policy.active)
+            policy = self.policies.get(NODE)
+            if policy is not None:
+                was = policy.active
+                policy.link(ifname, up)
+                if policy.active != was:
+                    self._drain_group(now, NODE, policy.active)
+        for name in self._iface_trackers.get(ifname, ()):
+            self.set_track(now, name, TrackState(ok=up))
 
     def set_vmac(self, now: Fraction, key: Key, ready: bool) -> None:
         """A router's virtual-MAC link was made (or vanished with its parent)."""
@@ -366,14 +397,67 @@ class Node:
 
     def _usable(self, slot: Slot) -> bool:
         link = self.links[slot.spec.interface]
-        return link.up and (not slot.spec.virtual_mac or slot.vmac_ready)
+        return link.up and (not slot.spec.virtual_mac or slot.vmac_ready) \
+            and not slot.track_faults
+
+    def _fault_cause(self, slot: Slot) -> str:
+        if self.links[slot.spec.interface].up and slot.track_faults:
+            return f"track {slot.track_faults[0]}"
+        return "interface down"
 
     def _follow_link(self, now: Fraction, slot: Slot) -> None:
         if not slot.started:
             return
         usable = self._usable(slot)
-        if slot.router.link_up != usable:
-            self._run(now, slot, slot.router.set_link(now, usable))
+        r = slot.router
+        cause = "" if usable else self._fault_cause(slot)
+        if r.link_up != usable or (not usable and r.fault_cause != cause):
+            self._run(now, slot, r.set_link(now, usable, cause or "interface down",
+                                            can_send=cause.startswith("track")))
+
+    # ------------------------------------------------------------ tracking
+
+    def set_track(self, now: Fraction, name: str, state: TrackState) -> None:
+        """A tracker's state changed (an interface, a script's rise/fall, a file's number):
+        the routers that follow it, and only they, are re-prioritized."""
+        if self.track_states.get(name, TrackState()) == state and name in self.track_states:
+            return
+        self.track_states[name] = state
+        for slot in list(self._followers.get(name, {}).values()):
+            self._reprioritize(now, slot)
+
+    def set_demotion(self, now: Fraction, target: str, count: int) -> None:
+        """`vipctl demote`: the node's counter (every router) or a group's."""
+        if count:
+            self.demotions[target] = count
+        else:
+            self.demotions.pop(target, None)
+        slots = self.slots if target == NODE else self._members.get(target, {})
+        for slot in list(slots.values()):
+            self._reprioritize(now, slot)
+
+    def groups(self) -> list[str]:
+        return sorted(self._members)
+
+    def follower_count(self, tracker: str) -> int:
+        return len(self._followers.get(tracker, ()))
+
+    def _reprioritize(self, now: Fraction, slot: Slot) -> None:
+        demotions = [(NODE, self.demotions.get(NODE, 0))]
+        group = slot.group
+        if group is not None and group != NODE:
+            demotions.append((f"group {group}", self.demotions.get(group, 0)))
+        eff = slot.effective = effective(slot.router.config.priority, slot.spec.track,
+                                         self.trackers, self.track_states, tuple(demotions))
+        r = slot.router
+        if r.base_priority != eff.priority:
+            self.stats.router_calls += 1
+            r.set_priority(now, eff.priority)
+            if self.commit_before_vips and slot.started and self.slots.get(slot.key) is slot:
+                self._actions.append(self._view(slot, r.state.value))
+        if eff.faults != slot.track_faults:
+            slot.track_faults = eff.faults
+            self._follow_link(now, slot)
 
     # ------------------------------------------------------------ routers
 
@@ -386,6 +470,7 @@ class Node:
                 slot.router.drains.add(SYNC_DRAIN)
             if not self._usable(slot):
                 slot.router.link_up = False
+                slot.router.fault_cause = self._fault_cause(slot)
             self._run(now, slot, slot.router.start(now, cause))
 
     def receive(self, ifname: str, family: int, packets: Iterable[Packet]) -> None:
@@ -647,13 +732,16 @@ class Node:
         for slot in self.slots.values():
             self._run(now, slot, slot.router.shutdown(now))
 
-    def plan_reload(self, specs: Iterable[RouterSpec], mode: str) -> ReloadPlan:
+    def plan_reload(self, specs: Iterable[RouterSpec], mode: str,
+                    trackers: Iterable[TrackerSpec] | None = None) -> ReloadPlan:
         """The reload diff: routers whose configuration did not change keep their state and
-        timers; the others are replaced. Touches nothing."""
+        timers (a change of their group or trackers only re-prioritizes them); the others
+        are replaced. Touches nothing."""
         new = {s.key: make_slot(s) for s in specs}
         kept = {k for k, old in self.slots.items()
                 if (n := new.get(k)) is not None and n.spec == old.spec}
-        return ReloadPlan(new, kept, mode)
+        return ReloadPlan(new, kept, mode, dict(self.trackers) if trackers is None
+                          else {t.name: t for t in trackers})
 
     def retire(self, now: Fraction, plan: ReloadPlan) -> list[Slot]:
         """First half of a reload: shut down the routers the plan does not keep and release
@@ -672,22 +760,19 @@ class Node:
         """Second half: the new set of routers is the node's. Added ones (`plan.added()`)
         are started with `start` once their links are ready."""
         for key in plan.kept:
-            plan.slots[key] = self.slots[key]
-        was_active = self.policy.active
+            old = self.slots[key]
+            old.spec = plan.slots[key].spec  # its group and trackers may have changed
+            plan.slots[key] = old
         self.mode = plan.mode
+        self.trackers = plan.trackers
         old_links, self.slots, self.links = self.links, {}, {}
         self._install(plan.slots.values(), old_links)
         self._released = {s.wire_id: s for s in self.slots.values()
                           if s.router.state is State.FAULT or s.router.drains}
-        links_down = self.policy.links_down
-        self.policy = GroupPolicy(self.mode, (k for k, s in self.slots.items()
-                                              if s.router.state is State.FAULT))
         for name in self.watched:
-            old = old_links.get(name)
-            self.links.setdefault(name, old if old is not None else Link(name))
-        self.policy.links_down = links_down & set(self.watched)
-        if self.policy.active != was_active:
-            self._drain_group(now, self.policy.active)
+            old_link = old_links.get(name)
+            self.links.setdefault(name, old_link if old_link is not None else Link(name))
+        self._index(now, old_links)
 
     # ------------------------------------------------------------ internals
 
@@ -703,6 +788,41 @@ class Node:
             slot.router.primary_address = link.primary[slot.router.config.family]
         self._by_vip = {v.ip: s for s in self.slots.values() if not s.owner for v in s.vips}
         self._by_wire = {s.wire_id: s for s in self.slots.values()}
+
+    def _index(self, now: Fraction, old_links: dict[str, Link] | None = None) -> None:
+        """Who follows which tracker, the groups and their policies, every router's
+        effective priority: at start and after a reload (O(routers), never per event).
+        A group whose drain state changes on the way drains or rejoins once."""
+        was = {name: p.active for name, p in self.policies.items()}
+        links_down = self.policies[NODE].links_down if NODE in self.policies else set()
+        self._followers, self._members, self._iface_trackers = {}, {}, {}
+        for t in self.trackers.values():
+            if t.kind == "interface":
+                self._iface_trackers.setdefault(t.interface, []).append(t.name)
+                if t.interface not in self.links:
+                    old = (old_links or {}).get(t.interface)
+                    self.links[t.interface] = old if old is not None else Link(t.interface)
+        for key, slot in self.slots.items():
+            for ref in slot.spec.track:
+                self._followers.setdefault(ref.tracker, {})[key] = slot
+            # single-active and all-active: every router is in the node's group
+            slot.group = NODE if self.mode in ("single-active", "all-active") \
+                else slot.spec.group
+            if slot.group is not None:
+                self._members.setdefault(slot.group, {})[key] = slot
+        self.policies = {name: GroupPolicy((k for k, s in members.items()
+                                            if s.router.state is State.FAULT))
+                         for name, members in self._members.items()}
+        if NODE in self.policies:
+            self.policies[NODE].links_down = links_down & set(self.watched)
+        for name in list(self.track_states):
+            if name not in self.trackers:
+                del self.track_states[name]
+        for slot in self.slots.values():
+            self._reprioritize(now, slot)
+        for name, policy in self.policies.items():
+            if policy.active != was.get(name, False):
+                self._drain_group(now, name, policy.active)
 
     def _all_slots(self) -> Iterator[Slot]:
         yield from self.slots.values()
@@ -726,7 +846,9 @@ class Node:
                    work: list[tuple[Slot, list[RouterAction]]]) -> None:
         out = self._actions
         key = slot.key
-        group_before = self.policy.active
+        group = slot.group
+        policy = self.policies.get(group) if group is not None else None
+        group_before = policy is not None and policy.active
         transitioned = False
         current = self.slots.get(key) is slot
         for act in acts:
@@ -738,9 +860,17 @@ class Node:
                 # a master sends the same bytes every interval: encode once
                 fields = (act.priority, act.interval_cs, src)
                 cached = slot.advert
+                peers = slot.spec.peers
                 if cached is None or cached[0] != fields:
-                    cached = slot.advert = (fields, encode_advert(slot.router.config, act, src))
-                out.append(Send(key, cached[1], src))
+                    cfg = slot.router.config
+                    cached = slot.advert = (fields, tuple(
+                        encode_advert(cfg, act, src, dst) for dst in peers) if peers
+                        else (encode_advert(cfg, act, src),))
+                if peers:
+                    for dst, payload in zip(peers, cached[1], strict=True):
+                        out.append(Send(key, payload, src, dst))
+                else:
+                    out.append(Send(key, cached[1][0], src))
             elif isinstance(act, AddVips):
                 self._ask_install(slot, now)
             elif isinstance(act, RemoveVips):
@@ -758,18 +888,20 @@ class Node:
             elif isinstance(act, Transitioned):
                 transitioned = True
                 if current:
-                    self.policy.note(key, act.old, act.new)
+                    if policy is not None:
+                        policy.note(key, act.old, act.new)
                     self._note_released(slot, act.old, act.new)
                 out.append(Transition(key, act.old, act.new, act.cause))
         self._schedule(slot, now)
-        if not transitioned or not current or self.stopping:
+        if not transitioned or not current or self.stopping or policy is None:
             return
-        if self.policy.active != group_before:
-            self._drain_group(now, self.policy.active, work)
+        assert group is not None
+        if policy.active != group_before:
+            self._drain_group(now, group, policy.active, work)
         elif slot.router.state is not State.FAULT and \
-                (GROUP_FAULT in slot.router.drains) != self.policy.active:
+                (GROUP_FAULT in slot.router.drains) != policy.active:
             self.stats.router_calls += 1
-            work.append((slot, slot.router.set_drain(now, GROUP_FAULT, self.policy.active)))
+            work.append((slot, slot.router.set_drain(now, GROUP_FAULT, policy.active)))
 
     def _note_released(self, slot: Slot, old: str, new: str) -> None:
         """Keep the set of our routers that will not serve (FAULT, or drained: a group
@@ -829,10 +961,11 @@ class Node:
             return
         self._actions.append(SetVips(slot.key, True))
 
-    def _drain_group(self, now: Fraction, on: bool,
+    def _drain_group(self, now: Fraction, group: str, on: bool,
                      work: list[tuple[Slot, list[RouterAction]]] | None = None) -> None:
-        """The group fault started or ended (vipd.core.policy): tell every router, once."""
-        for s in list(self.slots.values()):
+        """The group's fault started or ended (vipd.core.policy): tell each of its routers,
+        once."""
+        for s in list(self._members.get(group, {}).values()):
             if s.router.state is not State.FAULT:
                 self.stats.router_calls += 1
                 acts = s.router.set_drain(now, GROUP_FAULT, on)

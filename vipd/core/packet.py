@@ -57,6 +57,7 @@ class DropReason(enum.Enum):
     V2_INTERVAL_MISMATCH = "v2_interval_mismatch"
     OWN_PACKET = "own_packet"  # looped back copy of our own advert
     SUPERSEDED = "superseded"  # a newer advert from the same sender was in the same batch
+    UNKNOWN_PEER = "unknown_peer"  # unicast: the source is not a configured peer
 
 
 class ChecksumVariant(enum.Enum):
@@ -312,6 +313,7 @@ class ReceiverView:
     addresses: frozenset[IPAddress]
     adver_int_cs: int
     accept_v2: bool = False  # a v3 router in RFC 5798 8.4 VRRPv2 compatibility
+    peers: frozenset[IPAddress] | None = None  # unicast: only these may speak
 
 
 def check_against(advert: Advert, view: ReceiverView | None) -> AddressDiff | None:
@@ -321,6 +323,8 @@ def check_against(advert: Advert, view: ReceiverView | None) -> AddressDiff | No
         raise DecodeError(DropReason.UNKNOWN_VRID, f"vrid {advert.vrid}")
     if advert.version != view.version and not (advert.version == 2 and view.accept_v2):
         raise DecodeError(DropReason.VERSION, f"v{advert.version} for a v{view.version} router")
+    if view.peers is not None and advert.src not in view.peers:
+        raise DecodeError(DropReason.UNKNOWN_PEER, str(advert.src))
     if advert.version == 2 and advert.interval_cs != view.adver_int_cs:
         # RFC 3768 7.1: the Adver Interval must match the locally configured one
         raise DecodeError(DropReason.V2_INTERVAL_MISMATCH,

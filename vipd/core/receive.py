@@ -30,7 +30,8 @@ MEMO_SIZE = 1024
 
 # Drop reasons that concern a configured router (counted on it); the others are counted
 # before a VRID matched (on the interface).
-ROUTER_REASONS = frozenset({DropReason.VERSION, DropReason.V2_INTERVAL_MISMATCH})
+ROUTER_REASONS = frozenset({DropReason.VERSION, DropReason.V2_INTERVAL_MISMATCH,
+                            DropReason.UNKNOWN_PEER})
 
 Accepted = tuple[T, Advert, AddressDiff | None]
 

@@ -192,7 +192,11 @@ class VirtualRouter:
         self.counters = Counters()
         self.last_transition: LastTransition | None = None
         self.drains: set[str] = set()  # "maintenance", "group fault": priority 0 while any
+        # the configured priority moved by tracking and demotion (set_priority); the owner's
+        # 255 is never moved
+        self.base_priority = config.priority
         self.link_up = True
+        self.fault_cause = "interface down"  # why link_up is False (a tracker names itself)
         self.last_conflict_at: Seconds | None = None
         self._timers = _Timers()
         self._backup_since: Seconds | None = None
@@ -216,7 +220,7 @@ class VirtualRouter:
     @property
     def priority(self) -> int:
         """Effective priority: what we advertise and compare with."""
-        return 0 if self.drains else self.config.priority
+        return 0 if self.drains else self.base_priority
 
     @property
     def maintenance(self) -> bool:
@@ -272,7 +276,7 @@ class VirtualRouter:
         if self.state is not State.INIT:
             return acts
         if not self.link_up:
-            self._transition(now, State.FAULT, "interface down", acts)
+            self._transition(now, State.FAULT, self.fault_cause, acts)
             return acts
         if self.priority == OWNER_PRIORITY:
             self._become_master(now, "address owner", acts)
@@ -394,9 +398,8 @@ class VirtualRouter:
         peer.adverts += 1
         self._last_claim = (src, now)
         self.master_heard_at = now
-        cfg = self.config  # (not drained: the priority is the configured one)
-        self._timers.master_down_after(now, master_down_interval(
-            cfg.version, cfg.priority, self.master_adver_interval_cs))
+        self._timers.master_down_after(now, master_down_interval(  # (not drained)
+            self.config.version, self.base_priority, self.master_adver_interval_cs))
         return True
 
     def note_split_brain(self, now: Seconds) -> None:
@@ -447,24 +450,47 @@ class VirtualRouter:
         self.counters.fast_takeovers_armed += 1
         return True
 
-    def set_link(self, now: Seconds, up: bool) -> list[Action]:
-        """Interface carrier/admin state from netlink."""
+    def set_link(self, now: Seconds, up: bool, cause: str = "interface down",
+                 can_send: bool = False) -> list[Action]:
+        """Interface carrier/admin state from netlink, or a tracker that faults the router
+        (`cause` names it). `can_send`: the link itself still works, so a master says
+        goodbye (priority 0) and its backup takes over after Skew_Time, not
+        Master_Down_Interval."""
         acts: list[Action] = []
         if up == self.link_up:
+            if not up and cause != self.fault_cause and self.state is State.FAULT:
+                self.fault_cause = cause  # still faulted, now for this reason
             return acts
         self.link_up = up
         if not up:
+            self.fault_cause = cause
             self._release(acts)
             if self.state is State.MASTER:
+                if can_send:
+                    self._send(acts, 0, now)
                 acts.append(RemoveVips())
             if self.state is not State.FAULT:
                 self._timers.clear()
-                self._transition(now, State.FAULT, "interface down", acts)
+                self._transition(now, State.FAULT, cause, acts)
             return acts
         if self.state is State.FAULT:
             self._timers.clear()
-            acts += self.start(now, "interface up")
+            acts += self.start(now, "interface up" if self.fault_cause == "interface down"
+                               else f"{self.fault_cause}: cleared")
         return acts
+
+    def set_priority(self, now: Seconds, priority: int) -> None:
+        """Tracking or a demotion moved the effective priority (the node computes it; the
+        owner's is never moved). Takes effect in the next advert sent and the next one
+        compared: a backup that now outranks the master discards its adverts and takes
+        over after Master_Down_Interval (preemption, RFC 9568 6.4.2); a master that now
+        ranks below a backup is preempted by it."""
+        if priority == self.base_priority:
+            return
+        self.base_priority = priority
+        self._last_followed = None  # heard_again assumed the old priority
+        if self.state is State.MASTER and not self.drains:
+            self.master_priority = priority
 
     @property
     def io_failures_pending(self) -> bool:

@@ -47,7 +47,7 @@ class VrrpTransport(Protocol):
 
     def fileno(self) -> int: ...
     def recv_all(self, limit: int = RECV_BATCH) -> list[Received]: ...
-    def send(self, payload: bytes, src: IPAddress) -> None: ...
+    def send(self, payload: bytes, src: IPAddress, dst: IPAddress | None = None) -> None: ...
     def close(self) -> None: ...
 
 
@@ -70,6 +70,7 @@ class VrrpSocket:
                     s.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreqn)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, mreqn)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 255)
+                s.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 255)  # unicast peers
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 0)
                 s.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, TOS_NETWORK_CONTROL)
             else:
@@ -77,6 +78,7 @@ class VrrpSocket:
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, mreq)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVHOPLIMIT, 1)
                 s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -90,8 +92,8 @@ class VrrpSocket:
         self.unusual_control = 0  # packets whose control messages needed the slow parser
         self._mmsg = None if send_only or not mmsg.available() else mmsg.MmsgReader(
             s.fileno(), MMSG_BATCH, MAX_PACKET, CONTROL_SIZE)
-        self._send_args: tuple[IPAddress, list[tuple[int, int, bytes]], tuple[Any, ...]] | None \
-            = None
+        self._send_args: tuple[IPAddress, list[tuple[int, int, bytes]], tuple[Any, ...],
+                               IPAddress | None] | None = None
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -139,18 +141,19 @@ class VrrpSocket:
                 out.append((item[0], item[1], age))
         return len(batch)
 
-    def send(self, payload: bytes, src: IPAddress) -> None:
+    def send(self, payload: bytes, src: IPAddress, dst: IPAddress | None = None) -> None:
+        """To the VRRP group, or to a unicast peer `dst` (TTL 255 either way)."""
         # the control message and destination are the same every time for one source
         cached = self._send_args
-        if cached is None or cached[0] != src:
+        if cached is None or cached[0] != src or cached[3] != dst:
             if self.family == 4:
                 info = struct.pack("=i4s4s", self.ifindex, src.packed, b"\0" * 4)
                 cached = (src, [(socket.IPPROTO_IP, IP_PKTINFO, info)],
-                          (str(VRRP_GROUP_V4), 0))
+                          (str(dst or VRRP_GROUP_V4), 0), dst)
             else:
                 info = src.packed + struct.pack("=I", self.ifindex)
                 cached = (src, [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, info)],
-                          (str(VRRP_GROUP_V6), 0, 0, self.ifindex))
+                          (str(dst or VRRP_GROUP_V6), 0, 0, self.ifindex), dst)
             self._send_args = cached
         self._sock.sendmsg([payload], cached[1], 0, cached[2])
 
@@ -266,6 +269,7 @@ class FakeVrrpTransport:
     ifname: str
     family: int
     sent: list[tuple[bytes, IPAddress]] = field(default_factory=list)
+    sent_to: list[IPAddress] = field(default_factory=list)  # unicast destinations, in order
     inbox: list[Received] = field(default_factory=list)
     fail_sends: bool = False
 
@@ -276,10 +280,12 @@ class FakeVrrpTransport:
         out, self.inbox = self.inbox[:limit], self.inbox[limit:]
         return out
 
-    def send(self, payload: bytes, src: IPAddress) -> None:
+    def send(self, payload: bytes, src: IPAddress, dst: IPAddress | None = None) -> None:
         if self.fail_sends:
             raise OSError(101, "Network is unreachable")
         self.sent.append((payload, src))
+        if dst is not None:
+            self.sent_to.append(dst)
 
     def close(self) -> None:
         pass

@@ -43,6 +43,16 @@ class Commands:
                 return {"ok": True, "reload": await self.d.reload()}
             except ConfigError as exc:
                 return error("bad_config", "; ".join(exc.errors))
+        if cmd == "demote":
+            target, change = req.get("target"), req.get("change")
+            if not isinstance(target, str) or not isinstance(change, str):
+                return error("bad_request", "demote needs \"target\" and \"change\" "
+                             "(+N, -N or 0)")
+            try:
+                count = self.d.demote(target, change)
+            except ValueError as exc:
+                return error("bad_request", str(exc))
+            return {"ok": True, "demote": {"target": target, "count": count}}
         if cmd == "sync":
             if self.d.sync is None:
                 return error("no_sync", "sync is not configured (no sync: section)")
@@ -76,9 +86,16 @@ class Commands:
                          for name, why in sorted(d.tasks_down.items())]
         if d.sync is not None:
             node_problems += d.sync.problems()
+        trackers = d.tracks.status()
+        for t in trackers:
+            if t["ok"] is False and t["followers"]:
+                node_problems.append(f"track {t['name']} ({t['kind']} {t['target']}) is "
+                                     f"failing" + (f": {t['last']}" if t.get("last") else ""))
         snap = snapshot(d.cfg.node.name, d.cfg.mode.value, views, ifaces, now,
                         float(now - d._started), d.reloads, node_problems, d.stopping)
         snap["accept_mode_enforced"] = d.accept_mode_enforced
+        snap["tracking"] = {"trackers": trackers, "demotions": dict(d.node.demotions),
+                            "groups": {g.name: list(g.vlans) for g in d.cfg.groups}}
         snap["task_restarts"] = dict(d.task_restarts)
         if d._control is not None:
             snap["control"] = dict(d._control.stats)
@@ -135,7 +152,7 @@ class Commands:
             spec = slot.spec
             got = self._static[slot.key] = (slot, static_status(RouterView(
                 spec.vlan, spec.interface, slot.router, tuple(str(v) for v in spec.vips),
-                slot.drops)))
+                slot.drops, unicast_peers=tuple(str(a) for a in spec.peers))))
         return got[1]
 
     def _router_view(self, slot: Slot) -> RouterView:
@@ -150,4 +167,6 @@ class Commands:
             vips_settling=self.d.executor.settling(slot.key) or slot.installing,
             vips_repaired=slot.vips_repaired, static=static,
             split_brain_with=self.d.node.peer_master_with_link(slot)
-            if slot.router.state is State.MASTER else None)
+            if slot.router.state is State.MASTER else None,
+            group=slot.group,
+            contributions=slot.effective.contributions if slot.effective else ())

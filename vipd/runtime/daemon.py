@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -49,6 +51,7 @@ from vipd.runtime.executor import Executor
 from vipd.runtime.links import LINK_MONITOR, Interface, Links, SocketFactory
 from vipd.runtime.notify import Notifier
 from vipd.runtime.sync import SyncDriver
+from vipd.runtime.track import TrackRunner
 
 log = logging.getLogger("vipd")
 
@@ -107,7 +110,8 @@ class Daemon:
         self._timer_at: float | None = None
         self.node = Node(router_specs(cfg), cfg.mode.value,
                          commit_before_vips=cfg.sync is not None,
-                         watch=_watched_interfaces(cfg))
+                         watch=_watched_interfaces(cfg), trackers=cfg.trackers)
+        self.tracks = TrackRunner(self.node, self.now, self.pump)
         self.links = Links(self.node, rtnl=rtnl, open_socket=open_socket,
                            open_send_socket=open_send_socket or _send_socket,
                            announcer=announcer, sysctl=sysctl or ProcSysctl(), now=self.now,
@@ -171,9 +175,11 @@ class Daemon:
                                            lambda: self.rtnl.watch(self.links.on_event)))
         for iface in self.links.ifaces.values():
             self.node.set_link(self.now(), iface.name, iface.up)
+        self._load_demotions()
         self.node.start(self.now())
         self.links.running = True
         self.pump()
+        self.tracks.apply(self.cfg.trackers)
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.node.slots), len(self.links.ifaces), self.cfg.mode.value)
         self.systemd.ready(f"{len(self.node.slots)} virtual routers, mode "
@@ -307,6 +313,7 @@ class Daemon:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
+        await self.tracks.drain()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -458,6 +465,50 @@ class Daemon:
         self.pump()
         log.info("maintenance %s", "on" if on else "off")
 
+    # ------------------------------------------------------------ demotion
+
+    @property
+    def demote_path(self) -> str:
+        """Where the demotion counters are kept: beside the control socket (a runtime
+        directory), so they outlive a restart of vipd but not a reboot, as carpdemote."""
+        return self.control_path + ".demote"
+
+    def demote(self, target: str, change: str) -> int:
+        """`vipctl demote TARGET +N|-N|0`. Raises ValueError for an unknown target or a
+        malformed change."""
+        from vipd.core.track import NODE, demoted
+
+        groups = {g.name for g in self.cfg.groups}
+        if target != NODE and target not in groups:
+            known = ", ".join([NODE, *sorted(groups)])
+            raise ValueError(f"{target!r} is not a group of this node (known: {known})")
+        count = demoted(self.node.demotions.get(target, 0), change)
+        self.node.set_demotion(self.now(), target, count)
+        self.pump()
+        log.info("demotion of %s: %d", target, count)
+        tmp = self.demote_path + ".tmp"
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.node.demotions, f)
+            os.replace(tmp, self.demote_path)
+        except OSError as exc:
+            log.warning("cannot keep the demotion in %s: %s", self.demote_path, exc)
+        return count
+
+    def _load_demotions(self) -> None:
+        try:
+            with open(self.demote_path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            return
+        if not isinstance(saved, dict):
+            return
+        for target, count in saved.items():
+            if isinstance(target, str) and isinstance(count, int) and 0 < count <= 254:
+                self.node.set_demotion(self.now(), target, count)
+                log.warning("demotion of %s: %d (kept from before the restart; "
+                            "`vipctl demote %s 0` clears it)", target, count, target)
+
     async def reload(self) -> dict[str, Any]:
         """SIGHUP: all or nothing. Everything that can fail (parsing, claiming interfaces,
         creating macvlans) is done before any running router is touched; if any of it fails
@@ -469,7 +520,8 @@ class Daemon:
             new_cfg = await self._loop.run_in_executor(None, load, self.config_path)
             if new_cfg.sync != self.cfg.sync:
                 raise ConfigError(["sync: changes to the sync section need a restart"])
-            plan = self.node.plan_reload(router_specs(new_cfg), new_cfg.mode.value)
+            plan = self.node.plan_reload(router_specs(new_cfg), new_cfg.mode.value,
+                                         new_cfg.trackers)
             made = await self._prepare_reload(new_cfg, plan.added())
         except ConfigError as exc:
             for line in exc.errors:
@@ -495,6 +547,8 @@ class Daemon:
                     await self.links.attach(iface, info)
             if slot.key in self.links.vmacs:
                 slot.vmac_ready = True
+        for name in self.node.interfaces():  # tracked interfaces new in this configuration
+            await self.links.ensure_interface(name)
         self.links.drop_unused()
         await self.links.remove_leftovers([s for s in added if not s.router.holding_vips])
         await self.apply_accept_mode()
@@ -503,6 +557,7 @@ class Daemon:
             self.node.set_link(now, iface.name, iface.up)
         self.node.start(now, [s.key for s in added], "reload")
         self.pump()
+        self.tracks.apply(new_cfg.trackers)
         self.reloads += 1
         kept = len(plan.kept)
         log.info("reloaded: %d kept, %d replaced or removed, %d started (%d macvlans made)",

@@ -142,7 +142,7 @@ class Executor:
             log.warning("%s/vrid %d/IPv%d: cannot send: no socket", *key)
         else:
             try:
-                sock.send(act.payload, act.src)
+                sock.send(act.payload, act.src, act.dst)
             except OSError as exc:
                 ok = False
                 log.warning("%s/vrid %d/IPv%d: advert send failed: %s", *key, exc)

@@ -12,13 +12,11 @@ counted; the queue is bounded (the oldest hooks are dropped and counted when it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 from collections import Counter, deque
 
 from vipd.config import NotifyConfig
+from vipd.io.command import FAILED, OK, TIMED_OUT, run_command
 
 log = logging.getLogger("vipd.notify")
 QUEUE_MAX = 1000
@@ -74,32 +72,14 @@ class Notifier:
             await self._one(argv, args, env)
 
     async def _one(self, argv: tuple[str, ...], args: list[str], env: dict[str, str]) -> None:
-        timeout = self.cfg.timeout_ms / 1000
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *argv, *args, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-                start_new_session=True)  # its own process group: killed whole on timeout
-        except OSError as exc:
-            self.stats["failed"] += 1
-            log.warning("notify %s: cannot run %s: %s", env.get("VIPD_EVENT"), argv[0], exc)
+        event = env.get("VIPD_EVENT")
+        got = await run_command((*argv, *args), self.cfg.timeout_ms / 1000, env)
+        if got.status == OK:
+            self.stats["ran"] += 1
             return
-        try:
-            _, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await proc.wait()
-            self.stats["timed_out"] += 1
-            log.warning("notify %s: %s killed after %.1f s", env.get("VIPD_EVENT"), argv[0],
-                        timeout)
-            return
-        if proc.returncode != 0:
-            self.stats["failed"] += 1
-            log.warning("notify %s: %s exited %d: %s", env.get("VIPD_EVENT"), argv[0],
-                        proc.returncode, (err or b"").decode(errors="replace").strip()[:200])
-            return
-        self.stats["ran"] += 1
+        self.stats["timed_out" if got.status == TIMED_OUT else "failed"] += 1
+        how = f"exited {got.returncode}" if got.status == FAILED else got.status.replace("_", " ")
+        log.warning("notify %s: %s %s: %s", event, argv[0], how, got.detail)
 
     async def drain(self) -> None:
         """Wait for the queued hooks (at a clean stop: STOP hooks run before exit)."""
