@@ -6,9 +6,9 @@ from fractions import Fraction
 from ipaddress import IPv4Address, ip_interface
 
 import pytest
+from test_node import drain, spec, take_over
 
 from sim import Segment, make_config
-from test_node import drain, spec, take_over
 from vipd.config import ConfigError, loads, router_specs
 from vipd.core.node import Node, Send
 from vipd.core.packet import VRRP_GROUP_V4, DropReason, IpMeta, decode
