@@ -111,10 +111,12 @@ def keepalived_available() -> bool:
 def keepalived_config(lab: Lab, router: str, priority: int, interval_ms: int,
                       preempt: bool = True, garp_count: int = 3, family: str = "ipv4",
                       version: int = 3, use_vmac: bool = False,
-                      notify_master: str | None = None, sync_group: bool = False) -> str:
+                      notify_master: str | None = None, sync_group: bool = False,
+                      unicast: bool = False) -> str:
     """One instance per VLAN; with `sync_group` (or `notify_master`) they form one sync
     group (all VLANs move together, as vipd's single-active), which runs `notify_master`
-    on becoming master."""
+    on becoming master. `unicast`: adverts go to the other routers' VLAN addresses
+    (unicast_src_ip / unicast_peer) instead of the multicast group."""
     lines = ["global_defs {", f"  router_id {router}", f"  vrrp_version {version}",
              "  vrrp_garp_master_delay 0", f"  vrrp_garp_master_repeat {garp_count}",
              "  vrrp_garp_interval 0.1", "  enable_script_security", "  script_user root",
@@ -130,8 +132,22 @@ def keepalived_config(lab: Lab, router: str, priority: int, interval_ms: int,
                   f"  advert_int {interval_ms / 1000:g}",
                   *([] if preempt else ["  nopreempt"]),
                   *(["  use_vmac"] if use_vmac else []),
+                  *(unicast_lines(lab, router, vlan, family) if unicast else []),
                   "  virtual_ipaddress {", f"    {vip} dev {vlan}", "  }", "}"]
     return "\n".join(lines) + "\n"
+
+
+def unicast_peers(lab: Lab, router: str, vlan: str, family: str = "ipv4") -> list[str]:
+    """The other routers' addresses on a VLAN: a router's unicast peers there."""
+    return [str(lab.topo.address(vlan, family, int(r["id"])).ip)  # type: ignore[union-attr]
+            for name, r in lab.topo.routers.items() if name != router]
+
+
+def unicast_lines(lab: Lab, router: str, vlan: str, family: str = "ipv4") -> list[str]:
+    me = lab.topo.address(vlan, family, int(lab.topo.routers[router]["id"]))
+    assert me is not None
+    return [f"  unicast_src_ip {me.ip}", "  unicast_peer {",
+            *[f"    {a}" for a in unicast_peers(lab, router, vlan, family)], "  }"]
 
 
 def start_keepalived(lab: Lab, router: str, priority: int, interval_ms: int,

@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     if not reply.get("ok"):
         err = reply.get("error", {})
         print(f"vipctl: {err.get('code')}: {err.get('message')}", file=sys.stderr)
-        return EXIT_DEGRADED
+        # a request the daemon cannot take (an unknown group, a malformed change) is a
+        # usage error; a refused reload or a missing sync section, a problem to look at
+        return EXIT_UNKNOWN if err.get("code") == "bad_request" else EXIT_DEGRADED
     if args.cmd == "status":
         status = reply["status"]
         print(json.dumps(status, indent=2) if args.json else render(status))
