@@ -42,10 +42,12 @@ sync: {interface: sync0, local: 203.0.113.1, peers: [203.0.113.2], key_file: /et
 """
 
 
-@pytest.mark.parametrize("name", ["single-active", "per-vlan-active"])
-def test_examples_load(name: str) -> None:
+@pytest.mark.parametrize("name,mode", [("single-active", "single-active"),
+                                       ("per-vlan-active", "per-vlan-active"),
+                                       ("tracking", "per-vlan-active")])
+def test_examples_load(name: str, mode: str) -> None:
     cfg = load(CONFIGS / f"{name}.yaml")
-    assert cfg.mode is Mode(name)
+    assert cfg.mode is Mode(mode)
     assert cfg.vlans and all(v.instances for v in cfg.vlans)
 
 
