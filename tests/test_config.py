@@ -241,7 +241,8 @@ def test_check_config_command(tmp_path: Path) -> None:
     ko = subprocess.run([sys.executable, "-m", "vipd", "check-config", str(bad)],
                         capture_output=True, text=True)
     assert ko.returncode == 1
-    assert "vlans[0].instances[0].vrid: 0 is not a VRID (1..255)" in ko.stderr
+    # the path, then the line in the file (check-config reads a file)
+    assert "vlans[0].instances[0].vrid (line 8): 0 is not a VRID (1..255)" in ko.stderr
 
 
 def test_checksum_variant_to_send() -> None:
@@ -401,3 +402,30 @@ def test_vipd_cli_help_version_and_check_config_help() -> None:
     out = subprocess.run([sys.executable, "-m", "vipd", "check-config", "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "usage: vipd check-config FILE" in out.stdout
+
+
+def test_errors_in_a_file_name_their_yaml_line(tmp_path: Path) -> None:
+    text = """node: {name: r1}
+mode: per-vlan-active
+vlans:
+  - name: a
+    interface: lan0
+    instances:
+      - vrid: 1
+        vips:
+          - 192.0.2.1/24
+          - 192.0.2.300/24
+        bogus: 1
+      - priority: 20
+        vips: [192.0.2.2/24]
+"""
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load(f)
+    errors = exc.value.errors
+    assert "vlans[0].instances[0].vips[1] (line 10): '192.0.2.300/24' is not an IP " \
+        "address" in errors
+    assert any(e.startswith("vlans[0].instances[0].bogus (line 11): unknown key") for e in errors)
+    # a missing key: the line of what should hold it
+    assert "vlans[0].instances[1].vrid (line 12): is required" in errors, errors

@@ -394,6 +394,26 @@ def test_vipctl_text_view_shows_differences_kernel_vips_and_notes(tmp_path: Path
     run(tmp_path, body)
 
 
+def test_vipctl_summary_is_one_line_per_router_and_replies_in_words(tmp_path: Path) -> None:
+    from vipd.status import SCHEMA_VERSION
+    from vipd.vipctl import in_words, render_summary
+
+    async def body(w: World, d: Daemon) -> None:
+        st = d.status()
+        assert st["schema_version"] == SCHEMA_VERSION == 1
+        lines = render_summary(st).splitlines()
+        assert len(lines) == 2 + len(st["instances"]) + len(st["problems"])
+        for i, line in zip(st["instances"], lines[2:], strict=False):
+            assert line.split()[:4] == [i["interface"], str(i["vrid"]), i["family"][2:],
+                                        i["state"]]
+        assert in_words("maintenance", {"maintenance": True}).startswith("maintenance on")
+        assert in_words("reload", {"reload": {"kept": 3, "replaced_or_removed": 1,
+                                              "started": 1}}) == (
+            "reloaded: 3 virtual routers kept as they were, 1 replaced or removed, 1 started")
+
+    run(tmp_path, body)
+
+
 def test_defect10_failed_resync_degrades_status_and_is_retried(tmp_path: Path) -> None:
     async def body(w: World, d: Daemon) -> None:
         real = w.rtnl.link

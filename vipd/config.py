@@ -1003,6 +1003,54 @@ class _Loader(_BaseLoader):  # type: ignore[misc]
         return super().construct_mapping(node, deep)
 
 
+_PATH_PART = re.compile(r"\[\d+\]|[^.\[]+")
+
+
+def yaml_lines(text: str) -> dict[str, int]:
+    """Each path of the document (`vlans[1].instances[0].vips[2]`) and its line: a
+    mapping's keys at the key, list items at the item."""
+    out: dict[str, int] = {}
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                sub = _join(path, str(k.value))
+                out[sub] = k.start_mark.line + 1
+                walk(v, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                sub = f"{path}[{i}]"
+                out[sub] = v.start_mark.line + 1
+                walk(v, sub)
+
+    try:
+        walk(yaml.compose(text, Loader=_BaseLoader), "")
+    except (yaml.YAMLError, RecursionError):
+        return {}
+    return out
+
+
+def with_lines(text: str, errors: list[str]) -> list[str]:
+    """The errors with the YAML line of their path (the deepest part of it that the file
+    has): `vlans[1].instances[0].vips[2] (line 14): '192.0.2.300' is not an IP address`."""
+    lines = yaml_lines(text)
+    if not lines:
+        return errors
+    out = []
+    for e in errors:
+        path, sep, rest = e.partition(": ")
+        parts = _PATH_PART.findall(path) if sep and not path.startswith("(") else []
+        line = None
+        while parts:
+            key = "".join(p if p.startswith("[") else f".{p}" for p in parts).lstrip(".")
+            line = lines.get(key)
+            if line is not None:
+                break
+            parts.pop()
+        out.append(f"{path} (line {line}): {rest}" if line is not None else e)
+    return out
+
+
 def loads(text: str, source: str = "<string>") -> Config:
     if len(text) > MAX_CONFIG_BYTES:
         raise ConfigError([f"(document): over {MAX_CONFIG_BYTES} bytes: refused"])
@@ -1034,4 +1082,7 @@ def load(path: str | Path) -> Config:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([f"(file): not UTF-8 (byte {exc.start})"]) from None
-    return loads(text, str(path))
+    try:
+        return loads(text, str(path))
+    except ConfigError as exc:  # a file the operator edits: name the lines too
+        raise ConfigError(with_lines(text, exc.errors)) from None

@@ -14,6 +14,10 @@ from vipd.core.router import State, VirtualRouter
 from vipd.core.timing import cs_to_ms, s_to_ms
 from vipd.core.track import Contribution
 
+# The status JSON's version: raised when a field changes meaning or goes away (new fields
+# may appear at any time). Programs reading `vipctl status --json` check it.
+SCHEMA_VERSION = 1
+
 
 @dataclass
 class RouterView:
@@ -173,6 +177,7 @@ def snapshot(node: str, mode: str, routers: Iterable[RouterView],
     critical = any(i["dual_master"] or i.get("split_brain_with_node") is not None
                    for i in instances)
     return {
+        "schema_version": SCHEMA_VERSION,
         "node": node,
         "mode": mode,
         "uptime_s": round(started_ago_s, 3),

@@ -136,6 +136,82 @@ def render(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_summary(status: dict[str, Any]) -> str:
+    """One line per virtual router, like a router's `show vrrp summary`."""
+    level = {"ok": "healthy", "degraded": "DEGRADED", "critical": "CRITICAL"}.get(
+        status.get("severity", ""), "?")
+    lines = [f"node {status['node']}  mode {status['mode']}  {level}",
+             f"{'interface':<12} {'vrid':>4} {'fam':<4} {'state':<7} {'prio':>8} "
+             f"{'master':<26} vips (in kernel)"]
+    for i in status["instances"]:
+        prio = (str(i["priority"]) if i["effective_priority"] == i["priority"]
+                else f"{i['priority']}>{i['effective_priority']}")
+        master = "self" if i["master_is_self"] else (i["master"] or "-")
+        kernel = i["vips_in_kernel"]
+        vips = ", ".join(i["vips"])
+        held = "-" if kernel is None else f"{len(kernel)}/{len(i['vips'])}"
+        flags = "".join(f" [{d}]" for d in i["drains"])
+        lines.append(f"{i['interface']:<12} {i['vrid']:>4} {i['family'][2:]:<4} "
+                     f"{i['state']:<7} {prio:>8} {master:<26} {vips} ({held}){flags}")
+    lines += [f"! {p}" for p in status["problems"]]
+    return "\n".join(lines)
+
+
+def watch(args: argparse.Namespace, every_s: float) -> int:
+    """Redraw the status every `every_s` seconds until Ctrl-C (exit: the last level)."""
+    code = EXIT_OK
+    try:
+        while True:
+            reply = _ask(args.socket, {"command": "status"})
+            if reply is None:
+                code = EXIT_UNREACHABLE
+                text = f"vipctl: cannot reach vipd at {args.socket}"
+            else:
+                st = reply["status"]
+                text = render_summary(st) if args.summary else render(st)
+                code = _status_code(st)
+            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + text + "\n")
+            sys.stdout.flush()
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return code
+
+
+def _status_code(status: dict[str, Any]) -> int:
+    if status.get("severity") == "critical":
+        return EXIT_CRITICAL
+    return EXIT_OK if status["healthy"] else EXIT_DEGRADED
+
+
+def _ask(path: str, req: dict[str, Any]) -> dict[str, Any] | None:
+    """One request, retried while the daemon is busy; None when it cannot be reached."""
+    reply: dict[str, Any] = {}
+    for attempt in range(BUSY_RETRIES + 1):
+        try:
+            reply = request(path, req)
+        except ConnectionResetError:
+            reply = {"ok": False, "error": {"code": "busy", "message": "connection reset"}}
+        except (OSError, ValueError):
+            return None
+        if reply.get("error", {}).get("code") != "busy" or attempt == BUSY_RETRIES:
+            break
+        time.sleep(0.05 * (attempt + 1))  # every connection was mid-request: try again
+    return reply
+
+
+def in_words(cmd: str, reply: dict[str, Any]) -> str:
+    """maintenance and reload, answered in words (--json for the reply itself)."""
+    if cmd == "maintenance":
+        return ("maintenance on: every master of this node hands over; no takeover until "
+                "`vipctl maintenance off`" if reply["maintenance"] else
+                "maintenance off: this node is back in every election")
+    r = reply.get("reload", {})
+    if "kept" not in r:
+        return "reload: nothing to do (vipd runs without a configuration file)"
+    return (f"reloaded: {r['kept']} virtual routers kept as they were, "
+            f"{r['replaced_or_removed']} replaced or removed, {r['started']} started")
+
+
 def follow_events(path: str) -> int:
     """Print each event as a JSON line until the daemon goes (or Ctrl-C)."""
     from vipd.io.control_client import stream
@@ -189,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="show every virtual router")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--summary", action="store_true", help="one line per virtual router")
+    st.add_argument("--watch", nargs="?", const=1.0, type=float, metavar="SECONDS",
+                    help="redraw every SECONDS (1) until Ctrl-C")
     mt = sub.add_parser("maintenance", help="drain this node or bring it back")
     mt.add_argument("onoff", choices=["on", "off"])
-    sub.add_parser("reload", help="re-read the configuration")
+    mt.add_argument("--json", action="store_true")
+    rl = sub.add_parser("reload", help="re-read the configuration")
+    rl.add_argument("--json", action="store_true")
     sy = sub.add_parser("sync", help="connection-state sync: peers, caches, last commit")
     sy.add_argument("--json", action="store_true")
     sub.add_parser("events", help="follow every transition and alarm (JSON lines)")
@@ -202,6 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "events":
         return follow_events(args.socket)
+    if args.cmd == "status" and args.watch is not None:
+        if args.json or args.watch <= 0:
+            ap.error("--watch takes a positive interval and no --json")
+        return watch(args, args.watch)
 
     if args.cmd == "status":
         req: dict[str, Any] = {"command": "status"}
@@ -213,17 +298,11 @@ def main(argv: list[str] | None = None) -> int:
         req = {"command": "demote", "target": args.target, "change": args.change}
     else:
         req = {"command": "reload"}
-    for attempt in range(BUSY_RETRIES + 1):
-        try:
-            reply = request(args.socket, req)
-        except ConnectionResetError:
-            reply = {"ok": False, "error": {"code": "busy", "message": "connection reset"}}
-        except (OSError, ValueError) as exc:
-            print(f"vipctl: cannot reach vipd at {args.socket}: {exc}", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        if reply.get("error", {}).get("code") != "busy" or attempt == BUSY_RETRIES:
-            break
-        time.sleep(0.05 * (attempt + 1))  # every connection was mid-request: try again
+    got = _ask(args.socket, req)
+    if got is None:
+        print(f"vipctl: cannot reach vipd at {args.socket}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    reply = got
     if not reply.get("ok"):
         err = reply.get("error", {})
         print(f"vipctl: {err.get('code')}: {err.get('message')}", file=sys.stderr)
@@ -232,10 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_UNKNOWN if err.get("code") == "bad_request" else EXIT_DEGRADED
     if args.cmd == "status":
         status = reply["status"]
-        print(json.dumps(status, indent=2) if args.json else render(status))
-        if status.get("severity") == "critical":
-            return EXIT_CRITICAL
-        return EXIT_OK if status["healthy"] else EXIT_DEGRADED
+        print(json.dumps(status, indent=2) if args.json else
+              render_summary(status) if args.summary else render(status))
+        return _status_code(status)
     if args.cmd == "sync":
         sync = reply["sync"]
         print(json.dumps(sync, indent=2) if args.json else render_sync(sync))
@@ -246,7 +324,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{d['target']}: demotion {d['count']}" + (" (cleared)" if not d["count"] else
                                                           f" (priority lowered by {d['count']})"))
         return EXIT_OK
-    print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
+    if getattr(args, "json", False):
+        print(json.dumps({k: v for k, v in reply.items() if k != "ok"}))
+    else:
+        print(in_words(args.cmd, reply))
     return EXIT_OK
 
 

@@ -292,7 +292,8 @@ def test_reload_with_a_changed_priority_and_socket_override(lab: Lab) -> None:
     rewrite_config(r2b, cfg2)
     p = vipctl(lab, r2b, "reload")
     assert p.returncode == 0, p.stderr
-    assert '"replaced_or_removed": 2' in p.stdout
+    assert p.stdout.strip() == ("reloaded: 0 virtual routers kept as they were, 2 replaced "
+                                "or removed, 2 started"), p.stdout
     wait_for(lambda: holder(lab, "lanA") == ["r2"] and holder(lab, "lanB") == ["r2"], 5,
              what="r2 preempts with its new priority")
     assert [i["priority"] for i in status(lab, r2b)["instances"]] == [250, 250]
