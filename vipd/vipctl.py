@@ -212,6 +212,42 @@ def in_words(cmd: str, reply: dict[str, Any]) -> str:
             f"{r['replaced_or_removed']} replaced or removed, {r['started']} started")
 
 
+def import_keepalived(path: str, name: str, out: str | None) -> int:
+    """Convert a keepalived.conf: the vipd YAML (to `out` or stdout), what was not
+    converted on stderr; exit 0 when vipd accepts the result, 1 when it does not (its
+    errors listed: complete the file by hand), 3 when the file cannot be read."""
+    import yaml
+
+    from vipd.config import ConfigError, loads
+    from vipd.keepalived_import import convert
+
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read(1 << 20)
+    except OSError as exc:
+        print(f"vipctl: {path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    cfg, notes = convert(text, name)
+    body = (f"# converted from {path} by vipctl import-keepalived\n"
+            + "".join(f"# note: {n}\n" for n in notes)
+            + yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None, width=100))
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    code = EXIT_OK
+    try:
+        loads(body)
+    except ConfigError as exc:
+        code = EXIT_DEGRADED
+        for e in exc.errors:
+            print(f"vipd would refuse it: {e}", file=sys.stderr)
+    if out:
+        with open(out, "w") as f:
+            f.write(body)
+    else:
+        sys.stdout.write(body)
+    return code
+
+
 def follow_events(path: str) -> int:
     """Print each event as a JSON line until the daemon goes (or Ctrl-C)."""
     from vipd.io.control_client import stream
@@ -280,9 +316,16 @@ def main(argv: list[str] | None = None) -> int:
                         "reset (0) the priority of every router (node) or of a group")
     dm.add_argument("target", help="node, or a group's name")
     dm.add_argument("change", help="+N, -N or 0")
+    ik = sub.add_parser("import-keepalived", help="convert a keepalived.conf (VRRP part) "
+                        "into a vipd configuration")
+    ik.add_argument("file")
+    ik.add_argument("--name", default="", help="the node's name (default: router_id)")
+    ik.add_argument("-o", "--output", help="write here instead of standard output")
     args = ap.parse_args(argv)
     if args.cmd == "events":
         return follow_events(args.socket)
+    if args.cmd == "import-keepalived":
+        return import_keepalived(args.file, args.name, args.output)
     if args.cmd == "status" and args.watch is not None:
         if args.json or args.watch <= 0:
             ap.error("--watch takes a positive interval and no --json")
