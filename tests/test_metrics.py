@@ -54,3 +54,20 @@ def test_label_values_are_escaped() -> None:
           "uptime_s": 1.0, "reloads": 0, "instances": [], "interfaces": []}
     line = next(x for x in exposition(st).splitlines() if x.startswith("vipd_info"))
     assert line == 'vipd_info{node="a\\"b\\\\c\\nd",mode="x",version=""} 1'
+
+
+def test_trackers_and_demotions_are_exposed_as_status_says() -> None:
+    st = {"node": "n", "mode": "per-vlan-active", "healthy": False, "severity": "degraded",
+          "problems": ["track gw is failing"], "uptime_s": 1.0, "reloads": 0,
+          "instances": [], "interfaces": [],
+          "tracking": {"trackers": [
+              {"name": "gw", "kind": "script", "ok": False, "value": None, "failures": 4},
+              {"name": "load", "kind": "file", "ok": True, "value": 3, "failures": 0},
+              {"name": "up", "kind": "interface", "ok": None, "value": None}],
+              "demotions": {"edge": 20}}}
+    m = parse(exposition(st))
+    assert m['vipd_tracker_ok{tracker="gw",kind="script"}'] == 0
+    assert m['vipd_tracker_failures_total{tracker="gw",kind="script"}'] == 4
+    assert m['vipd_tracker_value{tracker="load",kind="file"}'] == 3
+    assert not any("tracker=\"up\"" in k for k in m)  # no state known yet: no sample
+    assert m['vipd_demotion{target="edge"}'] == 20

@@ -105,6 +105,21 @@ def exposition(status: dict[str, Any], loop_lag_s: float | None = None,
                 out.metric("vipd_interface_drops_total", "counter",
                            "packets dropped before a VRID matched, by reason", n,
                            [("interface", f["name"]), ("family", fam), ("reason", reason)])
+    tr = status.get("tracking") or {}
+    for t in tr.get("trackers", ()):
+        lab = [("tracker", t["name"]), ("kind", t["kind"])]
+        if t["ok"] is not None:
+            out.metric("vipd_tracker_ok", "gauge", "1 while the tracker passes (interface "
+                       "up, script passing, file readable)", t["ok"], lab)
+        if t["value"] is not None:
+            out.metric("vipd_tracker_value", "gauge", "the number in a tracked file",
+                       t["value"], lab)
+        if "failures" in t:
+            out.metric("vipd_tracker_failures_total", "counter",
+                       "failed script runs or unreadable file reads", t["failures"], lab)
+    for target, n in sorted(tr.get("demotions", {}).items()):
+        out.metric("vipd_demotion", "gauge", "demotion counter (vipctl demote)", n,
+                   [("target", target)])
     sync = status.get("sync")
     if sync:
         out.metric("vipd_sync_ready", "gauge", "1 once the bulk sync from the peers is done",
