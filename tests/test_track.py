@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from fractions import Fraction
 from ipaddress import IPv4Address, ip_interface
+from pathlib import Path
 
 import pytest
 from test_node import drain, spec, take_over
@@ -292,3 +294,54 @@ def test_config_refuses_what_would_split_a_group(mode: str, body: str, expect: s
     with pytest.raises(ConfigError) as exc:
         loads(text)
     assert expect in str(exc.value), str(exc.value)
+
+
+# ---------------------------------------------------------------- the runner
+
+
+def test_the_runner_feeds_file_numbers_and_script_results_to_the_followers(
+        tmp_path: Path) -> None:
+    import asyncio
+    from dataclasses import replace
+
+    from vipd.runtime.track import TrackRunner, read_number
+
+    level, flag = tmp_path / "level", tmp_path / "flag"
+    level.write_text("3\n")
+    trackers = (TrackerSpec("load", "file", path=str(level), weight=-10),
+                TrackerSpec("chk", "script", argv=("/bin/sh", "-c", f"test ! -e {flag}"),
+                            timeout_ms=5000, rise=1, fall=2, weight=-40))
+    s = replace(spec("lan0", 1), track=(TrackRef("load"), TrackRef("chk")))
+    n = Node([s], "per-vlan-active", trackers=trackers)
+    n.set_link(Fraction(0), "lan0", True)
+    n.start(Fraction(0))
+    router = n.slots["lan0", 1, 4].router
+    pumped: list[int] = []
+
+    async def no_wait(_s: float) -> None:  # the runner's interval, without real time
+        await asyncio.sleep(0)
+
+    async def until(cond: Callable[[], bool]) -> None:
+        for _ in range(2000):
+            if cond():
+                return
+            await asyncio.sleep(0.001)
+        raise AssertionError("the runner never got there")
+
+    async def body() -> None:
+        r = TrackRunner(n, lambda: Fraction(1), lambda: pumped.append(1), sleep=no_wait)
+        r.apply(trackers)
+        await until(lambda: router.priority == 70)  # 100 - 3 x 10
+        level.write_text("not a number")
+        await until(lambda: router.priority == 100)  # failing, the number 0
+        assert r.results["load"].last == "not a number: 'not a number'"
+        flag.touch()  # the script fails: twice in a row (fall 2) before it counts
+        await until(lambda: router.priority == 60)
+        assert r.results["chk"].failures >= 2 and r.results["chk"].last == "exit 1"
+        flag.unlink()
+        await until(lambda: router.priority == 100)
+        assert pumped
+        await r.drain()
+
+    asyncio.run(body())
+    assert read_number(str(tmp_path / "missing"))[0] is False
