@@ -92,11 +92,22 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} {i['name']:<20} {i['state']:<7} last: {lt['from']} -> "
                       f"{lt['to']} ({lt['cause']})")
         say("stopping vipd on r1 with SIGTERM: priority 0, r2 takes over after Skew_Time")
+        probe = Probe(lab, "client", "198.51.100.100", 1.0, 30)
+        time.sleep(0.5)
         lab.stop_process(r1.proc)
         wait_for(lambda: holder(lab, "lanA") == ["r2"], 5, what="r2 after SIGTERM")
+        time.sleep(0.5)
+        handoff = probe.finish()
         s = [i for i in status(lab, r2)["instances"] if i["name"] == "lanA/vrid 51/IPv4"][0]
         print(f"r1 exited {r1.proc.returncode}; r2 {s['state']} for lanA, priority-0 adverts "
               f"received: {s['priority_zero_received']}")
+        say("summary")
+        print(f"master cut off:   outage {outage:.1f} ms against a Master_Down_Interval of "
+              f"{mdi:.1f} ms ({interval} ms adverts)")
+        print("master restored:  it preempted, both VLANs back on r1")
+        print(f"planned handoff:  {handoff['lost']} of {handoff['sent']} pings lost "
+              f"(SIGTERM: priority 0, the VIPs held until r2 was heard), longest reply gap "
+              f"{handoff['longest_reply_gap_ms']:.1f} ms")
         say("tearing the lab down")
     print(f"demo done in {time.monotonic() - t_start:.1f} s")
     return 0
