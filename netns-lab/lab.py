@@ -418,6 +418,47 @@ def cleanup_registered(prefix: str) -> None:
     path.unlink()
 
 
+def run_dir(prefix: str, router: str) -> Path:
+    """A lab router's own directory for vipd: its config copy, control socket, log, pid
+    (so two routers' default paths never collide)."""
+    return Path("/tmp") / f"vipd-lab-{prefix}" / router
+
+
+def start_user_vipd(prefix: str, router: str, config: str) -> Path:
+    """Run vipd with the user's configuration on a lab router, in the background. The
+    control socket (unless the file names one) goes to the router's run directory; the
+    PID is added to the lab's registry so `down` ends it. Returns the socket path."""
+    path = REGISTRY / f"{prefix}.json"
+    if not path.exists():
+        raise LabError(f"no lab {prefix} (netns-lab/lab.py list)")
+    rd = run_dir(prefix, router)
+    rd.mkdir(parents=True, exist_ok=True)
+    cfg = yaml.safe_load(Path(config).read_text())
+    if not isinstance(cfg, dict):
+        raise LabError(f"{config}: not a vipd configuration")
+    node = cfg.setdefault("node", {})
+    node.setdefault("control_socket", str(rd / "vipd.sock"))
+    copy = rd / "vipd.yaml"
+    copy.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sock = Path(node["control_socket"])
+    log = open(rd / "vipd.log", "ab")  # noqa: SIM115 - handed to the daemon
+    proc = subprocess.Popen(["ip", "netns", "exec", f"{prefix}-{router}", sys.executable,
+                             "-m", "vipd", "-c", str(copy)], stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, start_new_session=True,
+                            env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    data = json.loads(path.read_text())
+    data["pids"] = sorted({*data.get("pids", []), proc.pid})
+    path.write_text(json.dumps(data))
+    (rd / "vipd.pid").write_text(f"{proc.pid}\n")
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: sock.exists() or proc.poll() is not None, 15,
+                 what=f"vipd on {router}")
+    if proc.poll() is not None or not sock.exists():
+        raise LabError(f"vipd on {router} did not start: "
+                       + (rd / "vipd.log").read_text(errors="replace")[-1500:])
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="netns-lab")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -436,7 +477,28 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("node")
         c.add_argument("topology", nargs="?", default=str(DEFAULT_TOPOLOGY))
     sub.add_parser("list")
+    v = sub.add_parser("vipd", help="run vipd on a router with your configuration")
+    v.add_argument("prefix")
+    v.add_argument("node")
+    v.add_argument("config")
+    c = sub.add_parser("vipctl", help="vipctl against the vipd of a router")
+    c.add_argument("prefix")
+    c.add_argument("node")
+    c.add_argument("argv", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
+    if args.cmd == "vipd":
+        try:
+            sock = start_user_vipd(args.prefix, args.node, args.config)
+        except (LabError, OSError, yaml.YAMLError) as exc:
+            print(f"lab: {exc}", file=sys.stderr)
+            return 1
+        print(f"vipd runs on {args.node}: socket {sock}, log {sock.parent / 'vipd.log'}")
+        return 0
+    if args.cmd == "vipctl":
+        cfg = yaml.safe_load((run_dir(args.prefix, args.node) / "vipd.yaml").read_text())
+        return subprocess.call([sys.executable, "-m", "vipd.vipctl", "-s",
+                                cfg["node"]["control_socket"], *args.argv],
+                               env={**os.environ, "PYTHONPATH": str(HERE.parent)})
     if args.cmd == "up":
         lab = Lab(Topology.load(args.topology), **({"prefix": args.prefix} if args.prefix
                                                   else {}))
