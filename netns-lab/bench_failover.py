@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": args.runs,
                                "summary": summary, "results": results}, indent=1))
     print(f"\nwritten to {out}")
+    from plots import after_benchmark
+
+    after_benchmark("failover", results)
     return 0
 
 

@@ -279,6 +279,9 @@ def main() -> int:
                 results.append(r)
     Path(args.out).write_text(json.dumps({"results": results}, indent=1))
     print(table(results))
+    from plots import after_benchmark
+
+    after_benchmark("scale", results)
     return 0
 
 

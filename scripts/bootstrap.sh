@@ -51,6 +51,6 @@ if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stam
     echo "bootstrap: creating .venv" >&2
     "$PY" -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-    .venv/bin/pip install -q -e '.[test,hold]'
+    .venv/bin/pip install -q -e '.[test,hold,plots]'
     touch "$stamp"
 fi
