@@ -19,7 +19,7 @@ import ipaddress
 import math
 import re
 import reprlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -565,20 +565,26 @@ def _track_refs(p: _Parser, path: str, m: Mapping[str, Any], via: str) -> tuple[
     return tuple(refs)
 
 
-def _parse_trackers(p: _Parser, raw: object) -> tuple[TrackerSpec, ...]:
+def _named(p: _Parser, key: str, raw: object, what: str
+           ) -> Iterator[tuple[str, str, object]]:
+    """The entries of a mapping of names (`trackers:`, `groups:`): (path, name, body),
+    each name checked; what is not a mapping, or not a name, is an error."""
     if raw is None:
-        return ()
+        return
     if not isinstance(raw, Mapping):
-        p.err("trackers", raw, "is not a mapping of tracker names")
-        return ()
-    out: list[TrackerSpec] = []
+        p.err(key, raw, f"is not a mapping of {what} names")
+        return
     for name, body in raw.items():
-        path = f"trackers.{str(name)[:60]}"
+        path = f"{key}.{str(name)[:60]}"
         try:
-            name = _label(name)
+            yield path, _label(name), body
         except (ValueError, TypeError):
-            p.err(path, name, "is not a tracker name")
-            continue
+            p.err(path, name, f"is not a {what} name")
+
+
+def _parse_trackers(p: _Parser, raw: object) -> tuple[TrackerSpec, ...]:
+    out: list[TrackerSpec] = []
+    for path, name, body in _named(p, "trackers", raw, "tracker"):
         m = p.mapping(path, body, {"interface", "script", "file", "weight", "interval",
                                    "timeout", "rise", "fall", "user"})
         kinds = [k for k in ("interface", "script", "file") if k in m]
@@ -631,21 +637,10 @@ def _user(v: object) -> str:
 
 
 def _parse_groups(p: _Parser, raw: object, vlans: list[VlanConfig]) -> tuple[GroupConfig, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, Mapping):
-        p.err("groups", raw, "is not a mapping of group names")
-        return ()
     names = {v.name for v in vlans}
     taken: dict[str, str] = {}
     out: list[GroupConfig] = []
-    for name, body in raw.items():
-        path = f"groups.{str(name)[:60]}"
-        try:
-            name = _label(name)
-        except (ValueError, TypeError):
-            p.err(path, name, "is not a group name")
-            continue
+    for path, name, body in _named(p, "groups", raw, "group"):
         if name == NODE:
             p.err(path, name, f"is reserved (\"{NODE}\" names every router of the node)")
         m = p.mapping(path, body, {"vlans", "track"})

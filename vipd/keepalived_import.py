@@ -122,11 +122,11 @@ def convert(text: str, node_name: str = "") -> tuple[dict[str, Any], list[str]]:
         kind = b.key
         if kind == "vrrp_script" and len(b.words) > 1:
             t: dict[str, Any] = {}
-            script = b.value("script")
-            if script is None:
+            script = b.find("script")
+            if script is None or len(script.words) < 2:
                 notes.append(f"line {b.line}: vrrp_script {b.words[1]} has no script")
                 continue
-            t["script"] = _argv(" ".join(b.find("script").words[1:]))  # type: ignore[union-attr]
+            t["script"] = _argv(" ".join(script.words[1:]))
             for k, conv in (("interval", _seconds_ms), ("timeout", _seconds_ms),
                             ("weight", int), ("rise", int), ("fall", int)):
                 v = b.value(k)
@@ -153,7 +153,7 @@ def convert(text: str, node_name: str = "") -> tuple[dict[str, Any], list[str]]:
             got = _instance(b, version, strict, trackers, notify, notes)
             if got is not None:
                 instances[b.words[1]] = got
-        elif kind in ("global_defs",):
+        elif kind == "global_defs":
             for c in b.children:
                 if c.key not in ("router_id", "vrrp_version", "vrrp_strict"):
                     notes.append(f"line {c.line}: global_defs {c.key}: not converted")

@@ -410,17 +410,18 @@ class Node:
             return
         usable = self._usable(slot)
         r = slot.router
-        cause = "" if usable else self._fault_cause(slot)
+        cause = "interface down" if usable else self._fault_cause(slot)
         if r.link_up != usable or (not usable and r.fault_cause != cause):
-            self._run(now, slot, r.set_link(now, usable, cause or "interface down",
-                                            can_send=cause.startswith("track")))
+            # a tracker's fault on a working link: a master can still say goodbye
+            goodbye = bool(slot.track_faults) and self.links[slot.spec.interface].up
+            self._run(now, slot, r.set_link(now, usable, cause, can_send=goodbye))
 
     # ------------------------------------------------------------ tracking
 
     def set_track(self, now: Fraction, name: str, state: TrackState) -> None:
         """A tracker's state changed (an interface, a script's rise/fall, a file's number):
         the routers that follow it, and only they, are re-prioritized."""
-        if self.track_states.get(name, TrackState()) == state and name in self.track_states:
+        if self.track_states.get(name) == state:
             return
         self.track_states[name] = state
         for slot in list(self._followers.get(name, {}).values()):

@@ -102,11 +102,11 @@ class TrackRunner:
                 res.timeouts += got.status == TIMED_OUT
             res.last = "ok" if passed else (f"exit {got.returncode}" if got.returncode
                                              else f"{got.status} {got.detail}".strip())
-            if rf.feed(passed):
+            changed = rf.feed(passed)
+            if changed:
                 log.warning("track %s: now %s (%s)", spec.name,
                             "passing" if rf.ok else "FAILING", res.last)
-            if res.runs == 1 or rf.ok != self.node.track_states.get(
-                    spec.name, TrackState()).ok:
+            if changed or res.runs == 1:
                 self._set(spec.name, TrackState(ok=rf.ok))
             await self.sleep(max(0.0, spec.interval_ms / 1000 - (loop.time() - began)))
 
