@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vipd.config_schema import DEFAULT_PROTOCOLS, NOTIFY_EVENTS, PROTOCOLS, SECTIONS
 from vipd.core.cluster import MAX_BUCKETS, MAX_MEMBERS, bucket_priority
 from vipd.core.node import RouterSpec
 from vipd.core.packet import ChecksumVariant, IPAddress
@@ -132,8 +133,6 @@ class ClusterConfig:
     queue: int = 7100  # NFQUEUE number for the first packet of each connection
 
 
-PROTOCOLS = {"tcp": 6, "udp": 17, "icmp": 1, "ipv6-icmp": 58, "sctp": 132, "dccp": 33,
-             "udplite": 136, "gre": 47}
 
 
 @dataclass(frozen=True)
@@ -145,7 +144,7 @@ class SyncConfig:
     key_file: str = ""
     node_id: int = 0  # 0: derived from `local`
     alive_interval_ms: int = 500
-    protocols: frozenset[int] = frozenset({6, 17, 1, 58, 132})
+    protocols: frozenset[int] = frozenset(PROTOCOLS[p] for p in DEFAULT_PROTOCOLS)
     ignore: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     zones: frozenset[int] | None = None  # conntrack zones to sync; None: all
     # a backup whose master is silent on a VLAN but alive on the sync link: "takeover"
@@ -176,9 +175,6 @@ def load_sync_key(path: str) -> bytes:
     if len(key) < 16 or len(key) > 4096:
         raise ConfigError([f"sync.key_file: {path}: the key must be 16 to 4096 bytes"])
     return key
-
-
-NOTIFY_EVENTS = ("master", "backup", "fault", "stop", "alarm")
 
 
 @dataclass(frozen=True)
@@ -445,11 +441,7 @@ def _vip(v: object) -> IPInterface:
 
 
 def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None:
-    known = {"vrid", "priority", "advert_interval", "version", "preempt", "preempt_delay",
-             "accept_mode", "v2_compat", "checksum", "virtual_mac", "garp", "vips",
-             "reannounce_on_lower", "address_check", "advertise_link_local", "track",
-             "unicast_peers"}
-    m = p.mapping(path, raw, known)
+    m = p.mapping(path, raw, SECTIONS["instance"].names())
     if not m:
         return None
     nerr = len(p.errors)
@@ -492,7 +484,7 @@ def _parse_instance(p: _Parser, path: str, raw: object) -> InstanceConfig | None
                 p.err(f"{path}.vips", f"IPv{fam}", "has more than 255 addresses")
     checksum = p.get(path, m, "checksum", _checksum, "is not rfc9568 or pseudo-header",
                      ChecksumVariant.PSEUDO_HEADER)
-    garp = p.mapping(f"{path}.garp", m.get("garp", {}), {"count", "interval", "refresh"})
+    garp = p.mapping(f"{path}.garp", m.get("garp", {}), SECTIONS["garp"].names())
     tf = "is not true or false"
     g = f"{path}.garp"
     inst = InstanceConfig(
@@ -556,7 +548,7 @@ def _track_refs(p: _Parser, path: str, m: Mapping[str, Any], via: str) -> tuple[
         if isinstance(r, str) and r:
             refs.append(TrackRef(r, None, via))
             continue
-        rm = p.mapping(at, r, {"name", "weight"})
+        rm = p.mapping(at, r, SECTIONS["ref"].names())
         name = p.get(at, rm, "name", _label, "is not a tracker name", required=True)
         weight = p.get(at, rm, "weight", _int_in(-MAX_WEIGHT, MAX_WEIGHT),
                        f"is not a weight (-{MAX_WEIGHT}..{MAX_WEIGHT})")
@@ -585,8 +577,7 @@ def _named(p: _Parser, key: str, raw: object, what: str
 def _parse_trackers(p: _Parser, raw: object) -> tuple[TrackerSpec, ...]:
     out: list[TrackerSpec] = []
     for path, name, body in _named(p, "trackers", raw, "tracker"):
-        m = p.mapping(path, body, {"interface", "script", "file", "weight", "interval",
-                                   "timeout", "rise", "fall", "user"})
+        m = p.mapping(path, body, SECTIONS["tracker"].names())
         kinds = [k for k in ("interface", "script", "file") if k in m]
         if len(kinds) != 1:
             p.err(path, "...", "needs exactly one of interface, script or file")
@@ -643,7 +634,7 @@ def _parse_groups(p: _Parser, raw: object, vlans: list[VlanConfig]) -> tuple[Gro
     for path, name, body in _named(p, "groups", raw, "group"):
         if name == NODE:
             p.err(path, name, f"is reserved (\"{NODE}\" names every router of the node)")
-        m = p.mapping(path, body, {"vlans", "track"})
+        m = p.mapping(path, body, SECTIONS["group"].names())
         members = m.get("vlans")
         if not isinstance(members, list) or len(members) < 2 or not all(
                 isinstance(x, str) for x in members):
@@ -751,11 +742,8 @@ def _checksum(v: object) -> ChecksumVariant:
 def parse(data: object, source: str = "") -> Config:
     """Validate a parsed YAML document into a Config, or raise ConfigError with all errors."""
     p = _Parser()
-    top = p.mapping("", data, {"node", "mode", "vlans", "sync", "notify", "cluster",
-                               "trackers", "track", "groups"})
-    node_raw = p.mapping("node", top.get("node", {}), {"name", "control_socket",
-                                                        "control_socket_mode",
-                                                        "realtime_priority", "metrics"})
+    top = p.mapping("", data, SECTIONS["top"].names())
+    node_raw = p.mapping("node", top.get("node", {}), SECTIONS["node"].names())
     node = NodeConfig(
         name=p.get("node", node_raw, "name", _label, "is not a node name", "vipd",
                    required=True) or "vipd",
@@ -780,9 +768,8 @@ def parse(data: object, source: str = "") -> Config:
         raw_vlans = []
     for i, rv in enumerate(raw_vlans):
         path = f"vlans[{i}]"
-        m = p.mapping(path, rv, {"name", "interface", "instances", "vips", "multicast_mac",
-                                 "track"}
-                      if all_active else {"name", "interface", "instances", "track"})
+        m = p.mapping(path, rv, SECTIONS["vlan"].names(
+            "all-active" if all_active else "per-vlan-active"))
         if not m:
             continue
         name = p.get(path, m, "name", _label, "is not a VLAN name", required=True)
@@ -826,10 +813,7 @@ def parse(data: object, source: str = "") -> Config:
                 p.err(f"vlans[{i}].{attr}", v, "is used by another VLAN")
     sync = None
     if "sync" in top:
-        sm = p.mapping("sync", top["sync"], {"interface", "local", "peers", "port",
-                                             "key_file", "node_id", "alive_interval",
-                                             "protocols", "ignore", "zones",
-                                             "on_vlan_silent"})
+        sm = p.mapping("sync", top["sync"], SECTIONS["sync"].names())
         s_if = p.get("sync", sm, "interface", _name, "is not an interface name", required=True)
         s_local = p.get("sync", sm, "local", _ip, "is not an IP address", required=True)
         peers: list[IPAddress] = []
@@ -875,7 +859,7 @@ def parse(data: object, source: str = "") -> Config:
         p.err("cluster", "...", "is only used in all-active mode")
     notify = NotifyConfig()
     if "notify" in top:
-        nm = p.mapping("notify", top["notify"], {*NOTIFY_EVENTS, "timeout"})
+        nm = p.mapping("notify", top["notify"], SECTIONS["notify"].names())
         cmds = []
         for ev in NOTIFY_EVENTS:
             if ev in nm:
@@ -906,7 +890,8 @@ def _listen(v: object) -> str:
 
     if not isinstance(v, str):
         raise ValueError(v)
-    parse_listen(v)
+    if v:  # "" is off, as leaving the key out
+        parse_listen(v)
     return v
 
 
@@ -929,8 +914,7 @@ def _parse_cluster(p: _Parser, raw: object, me: str,
     if raw is None:
         p.err("cluster", None, "is required in all-active mode (members at least)")
         return None
-    cm = p.mapping("cluster", raw, {"members", "buckets", "vrid_base", "advert_interval",
-                                    "election_vlan", "seed", "queue"})
+    cm = p.mapping("cluster", raw, SECTIONS["cluster"].names())
     members = cm.get("members")
     if (not isinstance(members, list) or not 2 <= len(members) <= MAX_MEMBERS
             or not all(isinstance(x, str) and x for x in members)
