@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections import deque
 
 
 class Notifier:
@@ -22,7 +23,8 @@ class Notifier:
         mine = not pid or pid == str(os.getpid())
         self.watchdog_s = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine \
             else None
-        self.sent: list[str] = []  # what was sent (tests and status)
+        self.sent: deque[str] = deque(maxlen=16)  # the last messages (tests); bounded,
+        # since watchdog pings go on for as long as the daemon runs
 
     @property
     def enabled(self) -> bool:

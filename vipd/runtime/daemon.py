@@ -562,6 +562,8 @@ class Daemon:
         kept = len(plan.kept)
         log.info("reloaded: %d kept, %d replaced or removed, %d started (%d macvlans made)",
                  kept, len(replaced), len(added), made)
+        self.systemd.status(f"{len(self.node.slots)} virtual routers, mode "
+                            f"{new_cfg.mode.value}; reloaded ({kept} kept)")
         return {"kept": kept, "replaced_or_removed": len(replaced), "started": len(added)}
 
     async def _prepare_reload(self, new_cfg: Config, added: list[Slot]) -> int:
