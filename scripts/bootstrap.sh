@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 for pkg in iproute2 iputils-ping python3 python3-venv python3-dev gcc keepalived nftables \
-           procps conntrack conntrackd iptables libnetfilter-queue-dev; do
+           procps conntrack conntrackd iptables libnetfilter-queue-dev systemd; do
     have "$pkg" || need+=("$pkg")
 done
 # A fresh Debian often runs unattended-upgrades at first boot: wait for the dpkg lock

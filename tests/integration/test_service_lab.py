@@ -89,7 +89,8 @@ class NotifySocket:
 def test_the_unit_passes_systemd_analyze_verify(lab: Lab) -> None:
     tool = shutil.which("systemd-analyze")
     if tool is None:
-        pytest.skip("systemd-analyze is not installed (the systemd package)")
+        pytest.skip("systemd-analyze is not installed (scripts/bootstrap.sh installs the systemd "
+                "package)")
     unit = lab.workdir / "vipd.service"
     unit.write_text(unit_for(str(Path(sys.prefix) / "bin" / "vipd"),
                              lab.workdir / "vipd.yaml"))
