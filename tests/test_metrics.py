@@ -71,3 +71,28 @@ def test_trackers_and_demotions_are_exposed_as_status_says() -> None:
     assert m['vipd_tracker_value{tracker="load",kind="file"}'] == 3
     assert not any("tracker=\"up\"" in k for k in m)  # no state known yet: no sample
     assert m['vipd_demotion{target="edge"}'] == 20
+
+
+def test_the_reference_parser_reads_it_and_docs_metrics_md_lists_every_family(
+        tmp_path: Path) -> None:
+    """prometheus_client's own parser (what a Prometheus exporter library reads) accepts
+    the exposition, and every family it finds is in docs/metrics.md with the same type."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "metrics.md").read_text()
+    documented = dict(re.findall(r"^\| `(vipd_[a-z_]+)` \| (counter|gauge) \|", doc, re.M))
+
+    async def body(w: World, d: Daemon) -> None:
+        w.deliver(d, advert(200))
+        w.deliver(d, b"\x00" * 3)
+        fire(w, d)
+        text = exposition(d.status(), loop_lag_s=0.002, version="test")
+        families = list(text_string_to_metric_families(text))
+        assert len(families) >= 10
+        for f in families:
+            # the parser strips _total from a counter's family name
+            name = f.name + "_total" if f.type == "counter" else f.name
+            assert documented.get(name) == f.type, (name, f.type)
+            assert f.samples, name
+
+    run(tmp_path, body)
