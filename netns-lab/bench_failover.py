@@ -14,7 +14,7 @@ priorities (200 and 100) and advert interval, waits for r1 to be master, starts 
                against keepalived with a sync group
 and keeps probing until r2 holds both VIPs plus a margin. vipd and keepalived runs
 alternate so slow spells of this noisy machine hit both. Figures: the outage of the loss
-run at the fault (first to last unanswered request, plus one interval; lab-notes.md), the
+run at the fault (first to last unanswered request, plus one interval; docs/benchmarks.md), the
 number of lost requests, the longest reply gap, and the probe's own longest send gap.
 Results go to stdout and, as JSON, to --out.
 """

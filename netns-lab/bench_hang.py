@@ -6,7 +6,7 @@ keepalived, in the same lab with the same timers.
 A hung daemon leaves the kernel forwarding, so a hung master still holds and answers for
 its VIPs while the backup takes over: two masters until the hung one resumes. What matters
 is what happens then: how many times the backup enters MASTER (the ideal is once per hang;
-lab-notes.md saw keepalived's backup flap) and how long after SIGCONT until one router alone
+keepalived's backup was seen to flap here) and how long after SIGCONT until one router alone
 holds the VIP. For keepalived the frozen process is its VRRP child (from its pid file).
 """
 

@@ -1,4 +1,4 @@
-"""A 1 ms ICMP echo probe that measures outages the way lab-notes.md asks.
+"""A 1 ms ICMP echo probe that measures outages as docs/benchmarks.md describes.
 
     probe.py TARGET [--interval-ms 1] [--duration-s 10]
 

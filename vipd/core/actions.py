@@ -1,4 +1,4 @@
-"""What a core asks the I/O adapters to do, as plain data (design.md: actions)."""
+"""What a core asks the I/O adapters to do, as plain data (docs/architecture.md: actions)."""
 
 from __future__ import annotations
 
