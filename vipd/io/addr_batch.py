@@ -16,6 +16,7 @@ import os
 import select
 import socket
 import struct
+import threading
 from collections.abc import Sequence
 
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -82,12 +83,17 @@ class AddrBatcher:
         self._sock.bind((0, 0))
         self._sock.setblocking(False)
         self._seq = 0
+        self._lock = threading.Lock()  # a large batch may run in a worker thread
 
     def close(self) -> None:
         self._sock.close()
 
     def apply(self, ops: Sequence[Op]) -> list[OSError | None]:
         """Carry out every operation, in order; one result per operation."""
+        with self._lock:
+            return self._apply(ops)
+
+    def _apply(self, ops: Sequence[Op]) -> list[OSError | None]:
         results: list[OSError | None] = [None] * len(ops)
         pending: dict[int, int] = {}
         chunk = b""
