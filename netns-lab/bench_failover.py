@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwritten to {out}")
     from plots import after_benchmark
 
-    after_benchmark("failover", results)
+    after_benchmark("failover", results, args.out)
     return 0
 
 

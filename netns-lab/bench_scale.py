@@ -224,9 +224,9 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
             import re
 
             log = (lab.workdir / "r2.vipd.log").read_text(errors="replace")
-            res["failover_install_ms"] = round(sum(
-                float(m) for m in re.findall(r"VIPs changed for \d+ routers .* in ([\d.]+) ms",
-                                             log)), 1)
+            batches = re.findall(r"VIPs changed for (\d+) routers .* in ([\d.]+) ms", log)
+            res["failover_install_ms"] = round(sum(float(ms) for _, ms in batches), 1)
+            res["failover_batches"] = [[int(n), float(ms)] for n, ms in batches]
     return res
 
 
@@ -275,6 +275,8 @@ def main() -> int:
     ap.add_argument("--soak-minutes", type=float, default=0)
     ap.add_argument("--cut-phase", type=float, default=0.05,
                     help="seconds after a whole second of CLOCK_MONOTONIC to cut r1")
+    ap.add_argument("--failover-only", action="store_true",
+                    help="skip the run with both nodes started at once")
     ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     ap.add_argument("--summarize")
     args = ap.parse_args()
@@ -291,7 +293,7 @@ def main() -> int:
                 if kind == "keepalived" and not keepalived_available():
                     continue
                 r = run_one(kind, n, together=False, cut_phase=args.cut_phase)
-                if kind == "vipd":
+                if kind == "vipd" and not args.failover_only:
                     r.update(run_one(kind, n, together=True))
                 print(json.dumps(r), flush=True)
                 results.append(r)
@@ -299,7 +301,7 @@ def main() -> int:
     print(table(results))
     from plots import after_benchmark
 
-    after_benchmark("scale", results)
+    after_benchmark("scale", results, args.out)
     return 0
 
 

@@ -116,13 +116,18 @@ def from_files(results_dir: Path = RESULTS, img: Path = IMG) -> list[Path]:
     return made
 
 
-def after_benchmark(kind: str, results: list[dict[str, Any]]) -> None:
+def after_benchmark(kind: str, results: list[dict[str, Any]], out_json: str | Path) -> None:
     """Called by a benchmark script with its results: draw its plot if matplotlib is
-    there, say so if not."""
+    there, say so if not. Results written to the checked-in file (results/KIND.json)
+    redraw docs/img; results written elsewhere (a partial or trial run) get their plot
+    beside their JSON file."""
     if not available():
         print("(no plot: matplotlib, the `plots` extra, is not installed)")
         return
-    out = {"failover": failover, "scale": scale}[kind](results, IMG / f"{kind}.png")
+    out_json = Path(out_json)
+    checked_in = out_json.resolve() == (RESULTS / f"{kind}.json").resolve()
+    img = IMG / f"{kind}.png" if checked_in else out_json.with_suffix(".png")
+    out = {"failover": failover, "scale": scale}[kind](results, img)
     print(f"plot: {out}")
 
 
