@@ -205,7 +205,7 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
         b0 = cpu_s(p2.pid)
         target = int(time.monotonic()) + 1 + cut_phase
         time.sleep(max(0.0, target - time.monotonic()))
-        t_cut = time.monotonic()
+        t_cut, wall_cut = time.monotonic(), time.time()
         res["cut_phase_s"] = round(t_cut % 1, 4)
         cut()
         # wait on the monitor, not by polling `ip addr` (a dump of 1000 addresses every
@@ -227,7 +227,25 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
             batches = re.findall(r"VIPs changed for (\d+) routers .* in ([\d.]+) ms", log)
             res["failover_install_ms"] = round(sum(float(ms) for _, ms in batches), 1)
             res["failover_batches"] = [[int(n), float(ms)] for n, ms in batches]
+            res["failover_timeline_ms"] = timeline(log, wall_cut + MDI_S)
     return res
+
+
+def timeline(log: str, origin: float) -> dict[str, Any]:
+    """The backup's log around the takeover, in ms after cut + Master_Down_Interval (its
+    timestamps are wall-clock milliseconds): first and last BACKUP -> MASTER, and when
+    each install batch was logged done."""
+    import datetime
+    import re
+
+    def ms(stamp: str) -> float:
+        t = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return round((t - origin) * 1000, 1)
+
+    became = [ms(m) for m in re.findall(r"^(\S+ \S+) .*BACKUP -> MASTER", log, re.M)]
+    done = [ms(m) for m in re.findall(r"^(\S+ \S+) .*VIPs changed for", log, re.M)]
+    return {"first_master": became[0] if became else None,
+            "last_master": became[-1] if became else None, "batches_done": done}
 
 
 def soak(minutes: float) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,6 +75,8 @@ class PyrouteRtnl:
         self._ipr: Any = None
         self._lock = asyncio.Lock()
         self._batcher: AddrBatcher | None = None
+        self._worker: ThreadPoolExecutor | None = None  # one thread: batches stay in order
+        self._in_worker = 0
 
     async def open(self) -> None:
         from pyroute2 import AsyncIPRoute
@@ -86,19 +89,31 @@ class PyrouteRtnl:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if self._batcher is not None:
             self._batcher.close()
             self._batcher = None
 
     async def apply_addresses(self, ops: list[Op]) -> list[OSError | None]:
         """Many address changes in one netlink round trip (vipd.io.addr_batch). A large
-        batch runs in a worker thread: rtnetlink does its work inside sendmsg, with the GIL
-        released, so 1000 takeovers' addresses (about 70 ms of kernel time) go in while the
-        loop handles the next routers coming due. Small ones stay inline (no handoff)."""
+        batch runs in the one worker thread: rtnetlink does its work inside sendmsg, with
+        the GIL released, so 1000 takeovers' addresses (about 70 ms of kernel time) go in
+        while the loop handles the next routers coming due. Small ones stay inline (no
+        handoff) unless the worker is busy: then they queue behind it, so batches reach
+        the kernel in the order they were asked for."""
         assert self._batcher is not None
-        if len(ops) >= THREAD_MIN_OPS:
-            return await asyncio.to_thread(self._batcher.apply, ops)
-        return self._batcher.apply(ops)
+        if len(ops) < THREAD_MIN_OPS and not self._in_worker:
+            return self._batcher.apply(ops)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="vipd-addr")
+        self._in_worker += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._worker, self._batcher.apply, ops)
+        finally:
+            self._in_worker -= 1
 
     async def link(self, name: str) -> LinkInfo | None:
         # Read the reply to its end: a dump left unfinished makes the next request EBUSY.

@@ -61,6 +61,7 @@ class Executor:
         self._flush: asyncio.Future[None] | None = None
         self._lock = asyncio.Lock()
         self._pending: dict[Key, asyncio.Future[None]] = {}  # the flush carrying a change
+        self._in_kernel: set[asyncio.Future[None]] = set()  # batches handed over, unanswered
         self._loop = asyncio.get_running_loop()
 
     def settling(self, key: Key) -> bool:
@@ -70,7 +71,10 @@ class Executor:
 
     async def drain(self) -> None:
         """Wait until every queued VIP change has reached the kernel."""
-        while self._flush is not None or self._lock.locked():
+        while self._flush is not None or self._lock.locked() or self._in_kernel:
+            if self._in_kernel:
+                await asyncio.wait(list(self._in_kernel))
+                continue
             fut = self._flush
             if fut is not None:
                 with contextlib.suppress(Exception):
@@ -201,6 +205,9 @@ class Executor:
         self.node.flows_committed()
 
     async def _run_batch(self, batch: list[tuple[Slot, str, int | None]]) -> None:
+        """Hand a batch to the kernel without waiting for its answer: the next batch may
+        be handed over while this one is in the kernel (batches reach it in order), and
+        the outcomes come back to the core when it answers (`_finish`)."""
         if not batch:
             return
         ready: list[tuple[Slot, str, int | None]] = []
@@ -213,23 +220,37 @@ class Executor:
         bucket_error = await self._own(owning) if owning else None
         ops = [(op == "add", index, vip) for slot, op, index in ready if index is not None
                for vip in slot.vips]
+        done: asyncio.Future[None] = self._loop.create_future()
+        for slot, _, _ in ready:
+            self._pending[slot.key] = done
+        self._in_kernel.add(done)
+        asyncio.ensure_future(self._apply(ready, ops, bucket_error, done))
+
+    async def _apply(self, ready: list[tuple[Slot, str, int | None]],
+                     ops: list[tuple[bool, int, Any]], bucket_error: OSError | None,
+                     done: asyncio.Future[None]) -> None:
         t0 = self._loop.time()
         try:
             results = iter(await self.links.rtnl.apply_addresses(ops)) if ops else iter(())
         except Exception as exc:  # the whole batch failed: every op of it failed
             failed: list[OSError | None] = [OSError(str(exc))] * len(ops)
             results = iter(failed)
-        done = 0
-        for slot, op, index in ready:
-            errors = [e for e in (next(results) for _ in slot.vips) if e] \
-                if index is not None else [OSError("interface missing")]
-            if slot.spec.bucket is not None and bucket_error is not None:
-                errors.append(bucket_error)
-            self._outcome(slot, op == "add", index, errors)
-            done += not errors
-        if len(ready) > 8:
-            log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", done, len(ops),
-                     (self._loop.time() - t0) * 1000)
+        try:
+            ok = 0
+            for slot, op, index in ready:
+                errors = [e for e in (next(results) for _ in slot.vips) if e] \
+                    if index is not None else [OSError("interface missing")]
+                if slot.spec.bucket is not None and bucket_error is not None:
+                    errors.append(bucket_error)
+                self._outcome(slot, op == "add", index, errors)
+                ok += not errors
+            if len(ready) > 8:
+                log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", ok,
+                         len(ops), (self._loop.time() - t0) * 1000)
+        finally:
+            self._in_kernel.discard(done)
+            done.set_result(None)
+            self.pump()
 
     async def _own(self, changes: list[tuple[Slot, str]]) -> OSError | None:
         """all-active: the buckets of this batch taken or given up, as one ownership
