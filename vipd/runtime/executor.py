@@ -62,6 +62,7 @@ class Executor:
         self._lock = asyncio.Lock()
         self._pending: dict[Key, asyncio.Future[None]] = {}  # the flush carrying a change
         self._in_kernel: set[asyncio.Future[None]] = set()  # batches handed over, unanswered
+        self._tasks: set[asyncio.Future[None]] = set()
         self._loop = asyncio.get_running_loop()
 
     def settling(self, key: Key) -> bool:
@@ -224,7 +225,9 @@ class Executor:
         for slot, _, _ in ready:
             self._pending[slot.key] = done
         self._in_kernel.add(done)
-        asyncio.ensure_future(self._apply(ready, ops, bucket_error, done))
+        task = asyncio.ensure_future(self._apply(ready, ops, bucket_error, done))
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
 
     async def _apply(self, ready: list[tuple[Slot, str, int | None]],
                      ops: list[tuple[bool, int, Any]], bucket_error: OSError | None,
