@@ -66,6 +66,13 @@ class SyncWorld(World):
     def adapters(self) -> tuple[FakeConntrack, FakeSyncLink]:
         return self.ct, self.link
 
+    def to_daemon(self, d: Daemon) -> None:
+        """The peer's pending datagrams, read by the daemon's sync link."""
+        assert d.sync is not None
+        for _to, data in self.peer.pop_datagrams():
+            self.link.inbox.append((PEER_SYNC, data))
+        d.sync._on_link()
+
     def exchange(self, d: Daemon, rounds: int = 20) -> None:
         """Run the peer's session and the daemon's sync against each other."""
         assert d.sync is not None
@@ -73,9 +80,7 @@ class SyncWorld(World):
             now = d.now()
             self.peer.handle_timer(now)
             self.peer.flush(now)
-            for _to, data in self.peer.pop_datagrams():
-                self.link.inbox.append((PEER_SYNC, data))
-            d.sync._on_link()
+            self.to_daemon(d)
             d.sync._on_timer()  # its loop timer runs on the loop's clock, not this one
             for _to, data in self.link.sent:
                 self.peer.datagram(now, LOCAL, data)
@@ -283,9 +288,7 @@ def test_a_peer_releasing_its_master_makes_our_backup_take_over_at_once(
         # its link went down: it says so on the sync link
         w.peer.alive_payload = alive_payload([PEER], [slot.wire_id])
         w.peer.alive_now()
-        for _to, data in w.peer.pop_datagrams():
-            w.link.inbox.append((PEER_SYNC, data))
-        d.sync._on_link()
+        w.to_daemon(d)
         assert r.master_down_timer is not None and normal is not None
         assert r.master_down_timer <= d.now() < normal  # a pair: at once
         fire(w, d)
@@ -298,10 +301,7 @@ def test_a_peer_releasing_its_master_makes_our_backup_take_over_at_once(
 def peer_says(w: SyncWorld, d: Daemon, wid: bytes, view: bytes) -> None:
     w.peer.set_view(d.now(), wid, view)
     w.peer.flush(d.now())
-    for _to, data in w.peer.pop_datagrams():
-        w.link.inbox.append((PEER_SYNC, data))
-    assert d.sync is not None
-    d.sync._on_link()
+    w.to_daemon(d)
 
 
 def test_split_brain_seen_over_the_sync_link_raises_the_alarm(tmp_path: Path) -> None:
