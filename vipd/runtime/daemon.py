@@ -182,8 +182,7 @@ class Daemon:
         self.tracks.apply(self.cfg.trackers)
         log.info("vipd %s: %d virtual routers on %d interfaces, mode %s", self.cfg.node.name,
                  len(self.node.slots), len(self.links.ifaces), self.cfg.mode.value)
-        self.systemd.ready(f"{len(self.node.slots)} virtual routers, mode "
-                           f"{self.cfg.mode.value}")
+        self.systemd.ready(self._summary())
         if self.systemd.watchdog_s is not None:
             self._tasks.append(asyncio.ensure_future(self._watchdog(self.systemd.watchdog_s)))
 
@@ -562,9 +561,12 @@ class Daemon:
         kept = len(plan.kept)
         log.info("reloaded: %d kept, %d replaced or removed, %d started (%d macvlans made)",
                  kept, len(replaced), len(added), made)
-        self.systemd.status(f"{len(self.node.slots)} virtual routers, mode "
-                            f"{new_cfg.mode.value}; reloaded ({kept} kept)")
+        self.systemd.status(f"{self._summary()}; reloaded ({kept} kept)")
         return {"kept": kept, "replaced_or_removed": len(replaced), "started": len(added)}
+
+    def _summary(self) -> str:
+        """systemd's STATUS= line."""
+        return f"{len(self.node.slots)} virtual routers, mode {self.cfg.mode.value}"
 
     async def _prepare_reload(self, new_cfg: Config, added: list[Slot]) -> int:
         """The fallible part of a reload; on failure undo it and raise ConfigError."""

@@ -62,7 +62,6 @@ class Executor:
         self._lock = asyncio.Lock()
         self._pending: dict[Key, asyncio.Future[None]] = {}  # the flush carrying a change
         self._in_kernel: set[asyncio.Future[None]] = set()  # batches handed over, unanswered
-        self._tasks: set[asyncio.Future[None]] = set()
         self._loop = asyncio.get_running_loop()
 
     def settling(self, key: Key) -> bool:
@@ -208,7 +207,7 @@ class Executor:
     async def _run_batch(self, batch: list[tuple[Slot, str, int | None]]) -> None:
         """Hand a batch to the kernel without waiting for its answer: the next batch may
         be handed over while this one is in the kernel (batches reach it in order), and
-        the outcomes come back to the core when it answers (`_finish`)."""
+        the outcomes come back to the core when it answers (`_apply`)."""
         if not batch:
             return
         ready: list[tuple[Slot, str, int | None]] = []
@@ -221,17 +220,16 @@ class Executor:
         bucket_error = await self._own(owning) if owning else None
         ops = [(op == "add", index, vip) for slot, op, index in ready if index is not None
                for vip in slot.vips]
-        done: asyncio.Future[None] = self._loop.create_future()
+        # the task ends once the outcomes are with the core; it is held here (the loop
+        # keeps only a weak reference to a task) until then
+        task = asyncio.ensure_future(self._apply(ready, ops, bucket_error))
         for slot, _, _ in ready:
-            self._pending[slot.key] = done
-        self._in_kernel.add(done)
-        task = asyncio.ensure_future(self._apply(ready, ops, bucket_error, done))
-        self._tasks.add(task)  # the loop keeps only a weak reference to a task
-        task.add_done_callback(self._tasks.discard)
+            self._pending[slot.key] = task
+        self._in_kernel.add(task)
+        task.add_done_callback(self._in_kernel.discard)
 
     async def _apply(self, ready: list[tuple[Slot, str, int | None]],
-                     ops: list[tuple[bool, int, Any]], bucket_error: OSError | None,
-                     done: asyncio.Future[None]) -> None:
+                     ops: list[tuple[bool, int, Any]], bucket_error: OSError | None) -> None:
         t0 = self._loop.time()
         try:
             results = iter(await self.links.rtnl.apply_addresses(ops)) if ops else iter(())
@@ -251,8 +249,6 @@ class Executor:
                 log.info("VIPs changed for %d routers (%d addresses) in %.1f ms", ok,
                          len(ops), (self._loop.time() - t0) * 1000)
         finally:
-            self._in_kernel.discard(done)
-            done.set_result(None)
             self.pump()
 
     async def _own(self, changes: list[tuple[Slot, str]]) -> OSError | None:
