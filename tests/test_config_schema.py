@@ -43,48 +43,52 @@ def mode_for(sid: str, k: Key) -> str:
     return k.modes[0] if k.modes else "per-vlan-active"
 
 
+ABSENT = object()  # place(): leave the key out
+
+
 def place(sid: str, k: Key, value: object) -> tuple[dict[str, Any], str]:
-    """A configuration with `value` at key `k` of section `sid`, and the error path there."""
+    """A configuration with `value` at key `k` of section `sid` (or without the key, for
+    ABSENT), and the path errors about that key start with."""
     doc = base(mode_for(sid, k))
     inst = doc["vlans"][0].get("instances", [{}])[0]
+    holder: dict[str, Any]
     if sid == "top":
-        doc[k.name] = value
-        return doc, k.name
-    if sid == "node":
-        doc["node"][k.name] = value
+        holder, path = doc, k.name
+    elif sid == "node":
+        holder, path = doc["node"], f"node.{k.name}"
     elif sid == "vlan":
-        doc["vlans"][0][k.name] = value
-        return doc, f"vlans[0].{k.name}"
+        holder, path = doc["vlans"][0], f"vlans[0].{k.name}"
     elif sid == "instance":
-        inst[k.name] = value
-        return doc, f"vlans[0].instances[0].{k.name}"
+        holder, path = inst, f"vlans[0].instances[0].{k.name}"
     elif sid == "garp":
-        inst["garp"] = {k.name: value}
-        return doc, f"vlans[0].instances[0].garp.{k.name}"
+        holder = inst["garp"] = {}
+        path = f"vlans[0].instances[0].garp.{k.name}"
     elif sid == "tracker":
-        body: dict[str, Any] = {} if k.name in ("interface", "script", "file") else {
-            "script": ["/bin/true"]}
-        body[k.name] = value
-        doc["trackers"]["x"] = body
-        return doc, f"trackers.x.{k.name}"
+        holder = doc["trackers"]["x"] = {} if k.name in ("interface", "script", "file") \
+            else {"script": ["/bin/true"]}
+        path = f"trackers.x.{k.name}"
     elif sid == "ref":
-        ref = {"name": "t", k.name: value} if k.name != "name" else {"name": value}
-        doc["track"] = [ref]
-        return doc, "track[0]"
+        holder = {} if k.name == "name" else {"name": "t"}
+        doc["track"] = [holder]
+        path = "track[0]"
     elif sid == "group":
-        group: dict[str, Any] = {"vlans": ["a", "b"]}
-        group[k.name] = value
-        doc["groups"] = {"g": group}
-        return doc, f"groups.g.{k.name}"
+        holder = doc["groups"] = {"g": {"vlans": ["a", "b"]}}
+        holder = holder["g"]
+        path = f"groups.g.{k.name}"
     elif sid == "sync":
-        doc["sync"] = {**SYNC, k.name: value}
+        holder = doc["sync"] = dict(SYNC)
+        path = f"sync.{k.name}"
     elif sid == "cluster":
-        doc["cluster"][k.name] = value
+        holder, path = doc["cluster"], f"cluster.{k.name}"
     elif sid == "notify":
-        doc["notify"] = {k.name: value}
+        holder = doc["notify"] = {}
+        path = f"notify.{k.name}"
     else:
         raise AssertionError(sid)
-    return doc, f"{sid}.{k.name}"
+    holder.pop(k.name, None)
+    if value is not ABSENT:
+        holder[k.name] = copy.deepcopy(value)
+    return doc, path
 
 
 def parse(doc: dict[str, Any]) -> Any:
@@ -103,8 +107,8 @@ def test_the_minimal_configurations_are_valid() -> None:
 
 @pytest.mark.parametrize(("sid", "k"), KEYS, ids=IDS)
 def test_each_documented_key_is_read_and_checked_at_its_path(sid: str, k: Key) -> None:
-    parse(place(sid, k, copy.deepcopy(k.example))[0])
-    doc, path = place(sid, k, copy.deepcopy(k.bad))
+    parse(place(sid, k, k.example)[0])
+    doc, path = place(sid, k, k.bad)
     with pytest.raises(ConfigError) as exc:
         parse(doc)
     assert any(e.startswith(path) for e in exc.value.errors), (path, exc.value.errors)
@@ -117,28 +121,7 @@ def test_each_documented_key_is_read_and_checked_at_its_path(sid: str, k: Key) -
                               if k.default not in (REQUIRED, None)
                               and not isinstance(k.default, Derived)])
 def test_a_documented_default_is_what_leaving_the_key_out_gives(sid: str, k: Key) -> None:
-    doc, _ = place(sid, k, copy.deepcopy(k.default))
-    without = copy.deepcopy(doc)
-    # the same configuration with the key left out
-    if sid == "top":
-        del without[k.name]
-    elif sid == "node":
-        del without["node"][k.name]
-    elif sid == "vlan":
-        del without["vlans"][0][k.name]
-    elif sid == "instance":
-        del without["vlans"][0]["instances"][0][k.name]
-    elif sid == "garp":
-        del without["vlans"][0]["instances"][0]["garp"][k.name]
-    elif sid == "tracker":
-        del without["trackers"]["x"][k.name]
-    elif sid == "ref":
-        del without["track"][0][k.name]
-    elif sid == "group":
-        del without["groups"]["g"][k.name]
-    elif sid in ("sync", "cluster", "notify"):
-        del without[sid][k.name]
-    assert parse(doc) == parse(without)
+    assert parse(place(sid, k, k.default)[0]) == parse(place(sid, k, ABSENT)[0])
 
 
 @pytest.mark.parametrize(("sid", "k"), [(s, k) for s, k in KEYS if k.default is REQUIRED
@@ -146,13 +129,7 @@ def test_a_documented_default_is_what_leaving_the_key_out_gives(sid: str, k: Key
                          ids=[i for i, (s, k) in zip(IDS, KEYS, strict=True)
                               if k.default is REQUIRED and s != "ref"])
 def test_a_required_key_left_out_is_an_error(sid: str, k: Key) -> None:
-    doc, path = place(sid, k, copy.deepcopy(k.example))
-    holder: dict[str, Any] = {
-        "top": doc, "node": doc["node"], "vlan": doc["vlans"][0],
-        "instance": doc["vlans"][0].get("instances", [{}])[0],
-        "group": doc.get("groups", {}).get("g", {}), "sync": doc.get("sync", {}),
-        "cluster": doc.get("cluster", {})}[sid]
-    del holder[k.name]
+    doc, path = place(sid, k, ABSENT)
     with pytest.raises(ConfigError) as exc:
         parse(doc)
     assert any(e.startswith(path) for e in exc.value.errors), (path, exc.value.errors)
@@ -161,7 +138,7 @@ def test_a_required_key_left_out_is_an_error(sid: str, k: Key) -> None:
 def test_an_undocumented_key_is_refused_in_every_section() -> None:
     for sid, s in SECTIONS.items():
         k = next(iter(s.keys))
-        doc, path = place(sid, k, copy.deepcopy(k.example))
+        doc, path = place(sid, k, k.example)
         target: Any = doc
         for part in path.replace("[", ".").replace("]", "").split(".")[:-1]:
             target = target[int(part)] if part.isdigit() else target[part]

@@ -322,12 +322,6 @@ _section(
         "process group.", "5s", "2s", "never"),
 )
 
-# The keys that are sections of their own, and the section documenting each
-LINKS = {"top.node": "node", "top.vlans": "vlan", "top.trackers": "tracker",
-         "top.groups": "group", "top.sync": "sync", "top.cluster": "cluster",
-         "top.notify": "notify", "vlan.instances": "instance", "instance.garp": "garp"}
-
-
 def _default(k: Key) -> str:
     if k.default is REQUIRED:
         return "required"
@@ -352,14 +346,14 @@ def render() -> str:
            "file is current). Commented examples: `configs/*.yaml`.", "",
            "## Value types", ""]
     out += [f"- **{t}**: {d}" for t, d in TYPES.items()]
-    for sid, s in SECTIONS.items():
+    for s in SECTIONS.values():
         out += ["", f"## {s.title}", "", s.doc, "",
                 "| key | type | default | modes | meaning |", "| --- | --- | --- | --- | --- |"]
         for k in s.keys:
             doc = k.doc
-            sub = LINKS.get(f"{sid}.{k.name}")
-            if sub:
-                doc = f"{doc} See [{SECTIONS[sub].title}](#{_anchor(SECTIONS[sub].title)})."
+            if k.section:
+                sub = SECTIONS[k.section].title
+                doc = f"{doc} See [{sub}](#{_anchor(sub)})."
             modes = ", ".join(k.modes) if k.modes else "all"
             out.append(f"| `{k.name}` | {k.type} | {_default(k)} | {modes} | {doc} |")
     return "\n".join(out) + "\n"
