@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -221,31 +222,31 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
             res["over_mdi_ms"] = round((res["failover_s"] - MDI_S) * 1000, 1)
         res["failover_backup_cpu_s"] = round(cpu_s(p2.pid) - b0, 2)
         if kind == "vipd":  # the backup's own account: its netlink batches' durations
-            import re
-
             log = (lab.workdir / "r2.vipd.log").read_text(errors="replace")
-            batches = re.findall(r"VIPs changed for (\d+) routers .* in ([\d.]+) ms", log)
-            res["failover_install_ms"] = round(sum(float(ms) for _, ms in batches), 1)
-            res["failover_batches"] = [[int(n), float(ms)] for n, ms in batches]
-            res["failover_timeline_ms"] = timeline(log, wall_cut + MDI_S)
+            res.update(takeover_log(log, wall_cut + MDI_S))
     return res
 
 
-def timeline(log: str, origin: float) -> dict[str, Any]:
-    """The backup's log around the takeover, in ms after cut + Master_Down_Interval (its
+def takeover_log(log: str, origin: float) -> dict[str, Any]:
+    """The backup's own account of the takeover, from its log: its install batches
+    (routers, ms) and a timeline in ms after cut + Master_Down_Interval (the log's
     timestamps are wall-clock milliseconds): first and last BACKUP -> MASTER, and when
-    each install batch was logged done."""
+    each batch was logged done."""
     import datetime
-    import re
 
     def ms(stamp: str) -> float:
         t = datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
         return round((t - origin) * 1000, 1)
 
     became = [ms(m) for m in re.findall(r"^(\S+ \S+) .*BACKUP -> MASTER", log, re.M)]
-    done = [ms(m) for m in re.findall(r"^(\S+ \S+) .*VIPs changed for", log, re.M)]
-    return {"first_master": became[0] if became else None,
-            "last_master": became[-1] if became else None, "batches_done": done}
+    batches = re.findall(r"^(\S+ \S+) .*VIPs changed for (\d+) routers .* in ([\d.]+) ms",
+                         log, re.M)
+    return {"failover_install_ms": round(sum(float(b[2]) for b in batches), 1),
+            "failover_batches": [[int(b[1]), float(b[2])] for b in batches],
+            "failover_timeline_ms": {
+                "first_master": became[0] if became else None,
+                "last_master": became[-1] if became else None,
+                "batches_done": [ms(b[0]) for b in batches]}}
 
 
 def soak(minutes: float) -> dict[str, Any]:
@@ -266,6 +267,10 @@ def soak(minutes: float) -> dict[str, Any]:
                 "cpu_note": "see steady-state figures"}
 
 
+def over_mdi(r: dict[str, Any]) -> str:
+    return f" (MDI {r['over_mdi_ms']:+} ms)" if "over_mdi_ms" in r else ""
+
+
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| kind | routers | all MASTER after start s | CPU master / backup % | "
             "RSS master / backup MiB | failover s | backup CPU for failover s | "
@@ -276,7 +281,7 @@ def table(results: list[dict[str, Any]]) -> str:
         rows.append(f"| {r['kind']} | {r['routers']} | {r.get('start_s', '-')} | "
                     f"{r.get('cpu_master_pct', '-')} / {r.get('cpu_backup_pct', '-')} | "
                     f"{r.get('rss_master_mib', '-')} / {r.get('rss_backup_mib', '-')} | "
-                    f"{r.get('failover_s', '-')} (MDI {r.get('over_mdi_ms', 0):+} ms) | "
+                    f"{r.get('failover_s', '-')}{over_mdi(r)} | "
                     f"{r.get('failover_backup_cpu_s', '-')} | "
                     f"{r.get('together_converged_s', '-')} |")
     for r in results:
