@@ -334,3 +334,21 @@ def test_an_advert_received_before_the_sync_links_release_does_not_undo_it() -> 
     b.receive(F(31, 100), adv)  # heard after the word: the master is still there
     assert b.get_timer() == F(31, 100) + b.master_down_interval
     assert b.heard_again(F(41, 100), adv)  # and the fast path is back
+
+
+def test_a_preemptions_crossing_advert_is_answered_but_not_a_dual_master() -> None:
+    """The previous master's last advert, sent before ours reached it, arrives within one
+    interval of our takeover: answered, not an episode; if it goes on advertising, its
+    next advert is one."""
+    r = VirtualRouter(make_config(150), ME)
+    r.start(F(0))
+    took = r.get_timer()
+    assert took is not None
+    r.handle_timer(took)
+    assert r.state is State.MASTER
+    acts = r.receive(took + F(3, 10), advert(100))  # (answers: one per quarter interval)
+    assert SendAdvert(150, 100) in acts and Announce(1) not in acts
+    assert r.counters.dual_master_episodes == 0 and not r.dual_master_recent(took + F(1, 100))
+    acts = r.receive(took + F(1), advert(100))  # still a master one interval later
+    assert r.counters.dual_master_episodes == 1 and r.dual_master_recent(took + F(1))
+    assert Announce(1) in acts

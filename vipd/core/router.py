@@ -586,7 +586,13 @@ class VirtualRouter:
         # RFC 9568 6.4.3: a lower priority (or losing tie) advert: send one at once so the
         # sender steps down and learning bridges see the right port. After a dual-master
         # episode, re-announce the VIPs so hosts that followed the other master come back.
-        fresh = self._note_conflict(now)
+        # Within one interval of our own takeover it is the previous master's last advert,
+        # sent before ours reached it (a preemption's adverts cross): answered, not an
+        # episode. A master that goes on advertising is counted at its next advert.
+        t = self.last_transition
+        crossed = (t is not None and t.new is State.MASTER
+                   and now - t.at < self.advertisement_interval)
+        fresh = False if crossed else self._note_conflict(now)
         # A master resuming from a hang drains a queue of stale adverts at one instant:
         # answer once per quarter interval, not once per queued packet.
         if self._last_sent_at is None or now - self._last_sent_at >= (
