@@ -194,10 +194,10 @@ def run_due(w: SyncWorld, d: Daemon) -> None:
         d.on_timer()
 
 
-def test_a_silent_peer_node_makes_its_backups_take_over_after_one_missed_advert(
+def test_a_silent_peer_node_makes_its_backups_take_over_after_two_missed_adverts(
         tmp_path: Path) -> None:
     """Issue 11's node-death rule: the sync link silent AND the master's adverts missing
-    one interval: take over then, not after Master_Down_Interval."""
+    two intervals: take over then, not after Master_Down_Interval (three)."""
     w = SyncWorld(tmp_path, alive="20ms")
 
     async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
@@ -216,12 +216,49 @@ def test_a_silent_peer_node_makes_its_backups_take_over_after_one_missed_advert(
             w.t += 0.02
             d.sync._on_timer()
             run_due(w, d)
-        assert r.master_down_timer == heard + Fraction(1, 10) + r.skew_time
+        assert r.master_down_timer == heard + Fraction(2, 10) + r.skew_time
         assert r.counters.fast_takeovers_armed == 1
         w.link.sent.clear()
         while r.state.value == "BACKUP":
             fire(w, d)
         assert r.state.value == "MASTER" and w.t < float(normal)
+
+    run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
+
+
+def test_a_late_advert_while_only_the_sync_link_is_lost_keeps_the_master(
+        tmp_path: Path) -> None:
+    """The sync link is cut and the master's next advert comes late, by more than Skew_Time
+    but less than an interval (a loaded master): no takeover, no transition (a CI run
+    under load flapped on this when one missed advert was enough)."""
+    w = SyncWorld(tmp_path, alive="20ms")
+
+    async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
+        assert d.sync is not None
+        w.exchange(d, 10)
+        run_due(w, d)
+        w.deliver(d, advert(200))
+        r = next(iter(d.slots.values())).router
+        heard = r.master_heard_at
+        assert heard is not None
+        before = r.counters.transitions
+        late = float(heard) + 0.1 + float(r.skew_time) + 0.05  # one advert, 50 ms late
+        assert late - float(heard) < 0.2
+        while w.t + 0.02 < late:
+            w.t += 0.02
+            d.sync._on_timer()
+            run_due(w, d)
+        w.t = late
+        run_due(w, d)
+        assert r.counters.fast_takeovers_armed == 1 and r.state.value == "BACKUP"
+        w.deliver(d, advert(200))
+        for _ in range(20):
+            w.t += 0.02
+            d.sync._on_timer()
+            run_due(w, d)
+            if _ % 5 == 4:
+                w.deliver(d, advert(200))
+        assert r.state.value == "BACKUP" and r.counters.transitions == before
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
 

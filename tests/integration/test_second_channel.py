@@ -1,6 +1,6 @@
 """The sync link as a second channel (issue 11, first part): a master that loses a VLAN's
 link tells its peer at once; a node that dies (sync link and adverts silent) is replaced
-after about one advert interval; the sync link lost alone changes nothing. 1 ms probe."""
+after about two advert intervals; the sync link lost alone changes nothing. 1 ms probe."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def test_link_loss_on_the_master_hands_over_at_once(lab: Lab) -> None:
         (lab.workdir / "r1.vipd.log").read_text()[-3000:])
 
 
-def test_node_death_is_noticed_after_about_one_advert_interval(lab: Lab) -> None:
+def test_node_death_is_noticed_after_about_two_advert_intervals(lab: Lab) -> None:
     r1, r2 = pair(lab)
     probe = Probe(lab, "client", SERVER, 1.0, 30)
     time.sleep(1)
@@ -89,7 +89,9 @@ def test_losing_only_the_sync_link_changes_nothing(lab: Lab) -> None:
                          for x in status(lab, r2)["problems"]), 5, what="r2 notices")
     time.sleep(3 * MDI_MS / 1000)
     assert holder(lab, "lanA") == ["r1"] and holder(lab, "lanB") == ["r1"]
-    assert [i["transitions"] for i in status(lab, r2)["instances"]] == before
+    assert [i["transitions"] for i in status(lab, r2)["instances"]] == before, (
+        (lab.workdir / "r2.vipd.log").read_text()[-3000:],
+        (lab.workdir / "r1.vipd.log").read_text()[-3000:])
     lab.restore("r1", segments=["sync"])
     wait_for(lambda: not any("unreachable" in x for x in status(lab, r2)["problems"]), 5,
              what="the sync link is back")

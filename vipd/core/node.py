@@ -596,7 +596,7 @@ class Node:
 
     def master_node_gone(self, now: Fraction, addresses: Iterable[IPAddress]) -> int:
         """The sync link says the node owning these (VLAN) addresses went silent: every
-        backup following a master at one of them takes over after one missed advert
+        backup following a master at one of them takes over after two missed adverts
         (VirtualRouter.master_node_gone). Returns how many routers were expedited."""
         gone = set(addresses)
         n = 0

@@ -241,7 +241,7 @@ class SyncDriver:
             if was and not up and p.addresses:
                 n = self.node.master_node_gone(now, p.addresses)
                 log.warning("sync: peer %s silent on the sync link; %d backups will take "
-                            "over after one missed advert", p.addr, n)
+                            "over after two missed adverts", p.addr, n)
                 if n:
                     self.pump()
 
