@@ -35,13 +35,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def failover(results: list[dict[str, Any]], out: Path) -> Path:
+def failover(results: list[dict[str, Any]], out: Path) -> Path | None:
     """Outage per run (the probe's longest loss), one panel per advert interval for a cut
-    of the master, and one for planned handoffs; each run a dot, the median a bar."""
-    plt = _pyplot()
+    of the master, and one for planned handoffs; each run a dot, the median a bar. None
+    (nothing drawn) for results of other faults only (the second channel's run)."""
     cuts = sorted({r["interval_ms"] for r in results if r["fault"] == "cut"}, reverse=True)
     planned = [f for f in ("sigterm", "maintenance") if any(r["fault"] == f for r in results)]
     panels = [("cut", i) for i in cuts] + [(f, None) for f in planned]
+    if not panels:
+        return None
+    plt = _pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
     for ax, (fault, interval) in zip(axes[0], panels, strict=True):
         runs = [r for r in results if r["fault"] == fault
@@ -106,14 +109,14 @@ def scale(results: list[dict[str, Any]], out: Path) -> Path:
 
 
 def from_files(results_dir: Path = RESULTS, img: Path = IMG) -> list[Path]:
-    made = []
+    made: list[Path | None] = []
     f = results_dir / "failover.json"
     if f.exists():
         made.append(failover(json.loads(f.read_text())["results"], img / "failover.png"))
     s = results_dir / "scale.json"
     if s.exists():
         made.append(scale(json.loads(s.read_text())["results"], img / "scale.png"))
-    return made
+    return [p for p in made if p is not None]
 
 
 def after_benchmark(kind: str, results: list[dict[str, Any]], out_json: str | Path) -> None:
@@ -128,7 +131,7 @@ def after_benchmark(kind: str, results: list[dict[str, Any]], out_json: str | Pa
     checked_in = out_json.resolve() == (RESULTS / f"{kind}.json").resolve()
     img = IMG / f"{kind}.png" if checked_in else out_json.with_suffix(".png")
     out = {"failover": failover, "scale": scale}[kind](results, img)
-    print(f"plot: {out}")
+    print(f"plot: {out}" if out else "(no plot for these faults)")
 
 
 if __name__ == "__main__":
