@@ -144,7 +144,9 @@ def test_a_thousand_takeovers_install_in_one_batch_then_announce(tmp_path: Path)
         for _ in range(5):
             await asyncio.sleep(0)
         assert rtnl.batches == [1750]  # one round trip for all (IPv6: + the link-local)
+        await d.executor.drain()  # the announcements, sent from their thread
         assert len(announcer.rounds) == 1000
+        assert d.executor.announce_thread.offloaded == 1  # all 1000 in one job
         assert sum(len(a) for a in rtnl.addrs.values()) == 1750 + 8
         await d.close()
 

@@ -93,6 +93,9 @@ class LinuxAnnouncer:
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
             s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, ifindex)
+            # Not to ourselves: a looped-back NA for our own address is only more work for
+            # our own neighbour discovery, 750 times in a mass takeover.
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 0)
             self._icmp6[ifindex] = s
         return s
 

@@ -16,13 +16,13 @@ import errno
 import ipaddress
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vipd.core.node import IFA_F_SECONDARY
 from vipd.io.addr_batch import AddrBatcher, Op
 from vipd.io.netlink_monitor import AddrEvent, Event, LinkEvent, Resync
+from vipd.io.offload import Offload
 
 log = logging.getLogger("vipd.rtnl")
 
@@ -75,8 +75,7 @@ class PyrouteRtnl:
         self._ipr: Any = None
         self._lock = asyncio.Lock()
         self._batcher: AddrBatcher | None = None
-        self._worker: ThreadPoolExecutor | None = None  # one thread: batches stay in order
-        self._in_worker = 0
+        self._worker = Offload("vipd-addr", THREAD_MIN_OPS)  # one thread: batches in order
 
     async def open(self) -> None:
         from pyroute2 import AsyncIPRoute
@@ -89,9 +88,7 @@ class PyrouteRtnl:
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
-        if self._worker is not None:
-            self._worker.shutdown(wait=True)
-            self._worker = None
+        self._worker.close()
         if self._batcher is not None:
             self._batcher.close()
             self._batcher = None
@@ -104,16 +101,7 @@ class PyrouteRtnl:
         handoff) unless the worker is busy: then they queue behind it, so batches reach
         the kernel in the order they were asked for."""
         assert self._batcher is not None
-        if len(ops) < THREAD_MIN_OPS and not self._in_worker:
-            return self._batcher.apply(ops)
-        if self._worker is None:
-            self._worker = ThreadPoolExecutor(1, thread_name_prefix="vipd-addr")
-        self._in_worker += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._worker, self._batcher.apply, ops)
-        finally:
-            self._in_worker -= 1
+        return await self._worker.run(len(ops), self._batcher.apply, ops)
 
     async def link(self, name: str) -> LinkInfo | None:
         # Read the reply to its end: a dump left unfinished makes the next request EBUSY.

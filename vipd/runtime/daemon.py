@@ -322,6 +322,7 @@ class Daemon:
         with contextlib.suppress(Exception):
             await self.accept_guard.remove()
         await self.executor.drain()
+        self.executor.close()
         await self._stop_cluster()
         if self.sync is not None:
             self.sync.close()
@@ -366,6 +367,7 @@ class Daemon:
         execute = self.executor.execute
         for act in self.node.pop_actions():
             execute(act)
+        self.executor.flush()
         self._arm()
 
     def _arm(self) -> None:

@@ -32,11 +32,15 @@ from vipd.core.node import (
     Transition,
     ViewChanged,
 )
+from vipd.core.router import State
 from vipd.io.cluster import ClusterPlane
+from vipd.io.offload import Offload
 from vipd.runtime.links import Links
 from vipd.runtime.notify import Notifier
 
 log = logging.getLogger("vipd")
+
+ANNOUNCE_THREAD_MIN = 32  # announcement rounds in one turn from which they leave the loop
 
 Op = tuple[Slot | None, str]  # "add", "remove", "repair" (a router's), or "commit"
 
@@ -62,6 +66,8 @@ class Executor:
         self._lock = asyncio.Lock()
         self._pending: dict[Key, asyncio.Future[None]] = {}  # the flush carrying a change
         self._in_kernel: set[asyncio.Future[None]] = set()  # batches handed over, unanswered
+        self._rounds: list[tuple[Slot, str, int, str]] = []  # announcements of this turn
+        self.announce_thread = Offload("vipd-announce", ANNOUNCE_THREAD_MIN)
         self._loop = asyncio.get_running_loop()
 
     def settling(self, key: Key) -> bool:
@@ -155,6 +161,7 @@ class Executor:
         self.node.advert_sent(self.now(), key, ok)
 
     def _announce(self, key: Key) -> None:
+        """Queue one router's announcement round (sent by `flush`, at the end of the turn)."""
         iface = self.links.ifaces.get(key[0])
         slot = self.node.slots.get(key)
         if iface is None or iface.index is None or slot is None or slot.spec.bucket is not None:
@@ -163,10 +170,40 @@ class Executor:
         vm = self.links.vmacs.get(key)
         if vm is not None:
             name, index, mac = vm.name, vm.index, vm.mac
-        try:
-            self.links.announcer.announce(name, index, mac, slot.router.config.addresses)
-        except OSError as exc:
-            log.warning("%s: announce failed: %s", slot.router.config.name, exc)
+        self._rounds.append((slot, name, index, mac))
+
+    def flush(self) -> None:
+        """End of a turn: send the announcement rounds it asked for. A few go out at once;
+        many (a mass takeover: 750 IPv6 routers' NAs are about 70 ms of kernel work) go
+        from the announce thread, so the loop goes on with the next takeovers. In order
+        either way (vipd.io.offload)."""
+        if not self._rounds:
+            return
+        rounds, self._rounds = self._rounds, []
+        if self.announce_thread.inline_ok(len(rounds)):
+            self._send_rounds(rounds)  # at once, without a task (as before the thread)
+            return
+        task = asyncio.ensure_future(self.announce_thread.run(len(rounds), self._send_rounds,
+                                                          rounds))
+        self._in_kernel.add(task)
+        task.add_done_callback(self._in_kernel.discard)
+
+    def _send_rounds(self, rounds: list[tuple[Slot, str, int, str]]) -> None:
+        """(Maybe in the announce thread.) A router that stopped being master since its
+        round was asked for is skipped: its VIPs are going or gone, and its successor
+        announces them."""
+        announce = self.links.announcer.announce
+        for slot, name, index, mac in rounds:
+            r = slot.router
+            if r.state is not State.MASTER:
+                continue
+            try:
+                announce(name, index, mac, r.config.addresses)
+            except OSError as exc:
+                log.warning("%s: announce failed: %s", r.config.name, exc)
+
+    def close(self) -> None:
+        self.announce_thread.close()
 
     # ------------------------------------------------------------ VIPs
 
