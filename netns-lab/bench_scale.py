@@ -40,6 +40,8 @@ sys.path.insert(0, str(HERE))
 from lab import Lab, Topology, cleanup_on_signals, wait_for  # noqa: E402
 from scenario import Speaker, keepalived_available, start_vipd, status  # noqa: E402
 
+from vipd.io.control_client import request  # noqa: E402
+
 TOPOLOGY = HERE / "topologies" / "scale.yaml"
 VLANS = ["lanA", "lanB", "lanC", "lanD"]
 MDI_S = 3 + (256 - 100) / 256
@@ -201,6 +203,8 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
         res["cpu_master_pct"] = round(100 * (cpu_s(p1.pid) - c1) / dt, 2)
         res["cpu_backup_pct"] = round(100 * (cpu_s(p2.pid) - c2) / dt, 2)
         res["rss_master_mib"], res["rss_backup_mib"] = rss_mib(p1.pid), rss_mib(p2.pid)
+        if kind == "vipd":
+            res.update(status_times(lab))
         cut = lab.prepare_cut("r1", include_sync=False)
         arrivals = VipArrivals(lab, "r2", n)
         b0 = cpu_s(p2.pid)
@@ -225,6 +229,25 @@ def run_one(kind: str, n: int, together: bool, cut_phase: float = 0.05) -> dict[
             log = (lab.workdir / "r2.vipd.log").read_text(errors="replace")
             res.update(takeover_log(log, wall_cut + MDI_S))
     return res
+
+
+def status_times(lab: Lab, runs: int = 5) -> dict[str, Any]:
+    """`vipctl status` on the master in steady state, the slowest of `runs`: the daemon's
+    answer (connect to the last byte, in this process) and the whole command (a fresh
+    interpreter, as an operator runs it, to its text output)."""
+    sock = str(lab.workdir / "r1.sock")
+    answer, command = [], []
+    for _ in range(runs):
+        t = time.monotonic()
+        reply = request(sock, {"command": "status"})
+        answer.append(time.monotonic() - t)
+        assert reply["status"]["instances"], reply
+        t = time.monotonic()
+        subprocess.run([sys.executable, "-m", "vipd.vipctl", "-s", sock, "status"],
+                       capture_output=True, timeout=10)
+        command.append(time.monotonic() - t)
+    return {"status_answer_ms": round(1000 * max(answer), 1),
+            "status_command_ms": round(1000 * max(command), 1)}
 
 
 def takeover_log(log: str, origin: float) -> dict[str, Any]:
@@ -259,12 +282,18 @@ def soak(minutes: float) -> dict[str, Any]:
         time.sleep(1)
         before = {r: sum(i["transitions"] for i in status(lab, s)["instances"])
                   for r, s in sp.items()}
+        cpu0, t0 = {r: cpu_s(s.proc.pid) for r, s in sp.items()}, time.monotonic()
         time.sleep(minutes * 60)
+        dt = time.monotonic() - t0
+        cpu = {r: round(100 * (cpu_s(s.proc.pid) - cpu0[r]) / dt, 2) for r, s in sp.items()}
         after = {r: sum(i["transitions"] for i in status(lab, s)["instances"])
                  for r, s in sp.items()}
         return {"kind": "vipd", "routers": 64, "interval_ms": 10, "minutes": minutes,
                 "spurious_transitions": sum(after[r] - before[r] for r in sp),
-                "cpu_note": "see steady-state figures"}
+                "cpu_master_pct": cpu["r1"], "cpu_backup_pct": cpu["r2"],
+                "rss_master_mib": rss_mib(sp["r1"].proc.pid),
+                "rss_backup_mib": rss_mib(sp["r2"].proc.pid),
+                "r1_holds": held(lab, "r1", 64), "r2_holds": held(lab, "r2", 64)}
 
 
 def over_mdi(r: dict[str, Any]) -> str:
@@ -285,9 +314,17 @@ def table(results: list[dict[str, Any]]) -> str:
                     f"{r.get('failover_backup_cpu_s', '-')} | "
                     f"{r.get('together_converged_s', '-')} |")
     for r in results:
+        if "status_answer_ms" in r:
+            rows.append(f"\n`vipctl status` at {r['routers']} routers, slowest of 5: the "
+                        f"daemon answers in {r['status_answer_ms']} ms, the command takes "
+                        f"{r['status_command_ms']} ms")
+    for r in results:
         if "spurious_transitions" in r:
             rows.append(f"\nSoak: {r['routers']} routers at {r['interval_ms']} ms adverts for "
-                        f"{r['minutes']} min: {r['spurious_transitions']} spurious transitions")
+                        f"{r['minutes']} min: {r['spurious_transitions']} spurious transitions"
+                        + (f"; CPU master / backup {r['cpu_master_pct']} / "
+                           f"{r['cpu_backup_pct']} %; r1 holds {r['r1_holds']}, r2 "
+                           f"{r['r2_holds']} VIPs at the end" if "r1_holds" in r else ""))
     return "\n".join(rows)
 
 
@@ -300,12 +337,15 @@ def main() -> int:
                     help="seconds after a whole second of CLOCK_MONOTONIC to cut r1")
     ap.add_argument("--failover-only", action="store_true",
                     help="skip the run with both nodes started at once")
-    ap.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    ap.add_argument("--out", help="results file (default: results/scale.json, or "
+                    "results/soak.json for --soak-minutes)")
     ap.add_argument("--summarize")
     args = ap.parse_args()
     if args.summarize:
         print(table(json.loads(Path(args.summarize).read_text())["results"]))
         return 0
+    if args.out is None:
+        args.out = str(HERE / "results" / ("soak.json" if args.soak_minutes else "scale.json"))
     cleanup_on_signals()
     results = []
     if args.soak_minutes:
@@ -322,9 +362,10 @@ def main() -> int:
                 results.append(r)
     Path(args.out).write_text(json.dumps({"results": results}, indent=1))
     print(table(results))
-    from plots import after_benchmark
+    if not args.soak_minutes:  # (the soak has nothing to plot)
+        from plots import after_benchmark
 
-    after_benchmark("scale", results, args.out)
+        after_benchmark("scale", results, args.out)
     return 0
 
 
