@@ -10,6 +10,7 @@ from typing import Any
 
 from test_runtime import CONFIG, PEER, World, advert, fire, run, settle
 from vipd.config import loads
+from vipd.core.router import VirtualRouter
 from vipd.core.sync.record import make_record
 from vipd.core.sync.session import SyncSession, SyncSettings, alive_payload
 from vipd.core.sync.wire import OP_UPDATE
@@ -194,6 +195,27 @@ def run_due(w: SyncWorld, d: Daemon) -> None:
         d.on_timer()
 
 
+def follow_peer(w: SyncWorld, d: Daemon) -> VirtualRouter:
+    """Sync up with the peer, then hear its node's advert: our router follows it."""
+    assert d.sync is not None
+    w.exchange(d, 10)
+    run_due(w, d)
+    w.deliver(d, advert(200))
+    return next(iter(d.slots.values())).router
+
+
+def sync_silent(w: SyncWorld, d: Daemon, steps: int, advert_every: int = 0) -> None:
+    """`steps` of 20 ms with nothing from the peer on the sync link; its adverts still
+    heard every `advert_every` steps (0: none)."""
+    assert d.sync is not None
+    for i in range(1, steps + 1):
+        w.t += 0.02
+        d.sync._on_timer()
+        run_due(w, d)
+        if advert_every and i % advert_every == 0:
+            w.deliver(d, advert(200))
+
+
 def test_a_silent_peer_node_makes_its_backups_take_over_after_two_missed_adverts(
         tmp_path: Path) -> None:
     """Issue 11's node-death rule: the sync link silent AND the master's adverts missing
@@ -201,21 +223,12 @@ def test_a_silent_peer_node_makes_its_backups_take_over_after_two_missed_adverts
     w = SyncWorld(tmp_path, alive="20ms")
 
     async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
-        assert d.sync is not None
-        w.exchange(d, 10)
-        run_due(w, d)
-        w.deliver(d, advert(200))  # the peer's node is master on lanA
-        slot = next(iter(d.slots.values()))
-        r = slot.router
+        r = follow_peer(w, d)  # the peer's node is master on lanA
         heard = r.master_heard_at
         assert r.state.value == "BACKUP" and heard is not None
         normal = r.master_down_timer
         assert normal == heard + r.master_down_interval
-        # the peer goes silent on the sync link (and its adverts stop)
-        for _ in range(6):
-            w.t += 0.02
-            d.sync._on_timer()
-            run_due(w, d)
+        sync_silent(w, d, 6)  # the peer goes silent on the sync link (its adverts stop)
         assert r.master_down_timer == heard + Fraction(2, 10) + r.skew_time
         assert r.counters.fast_takeovers_armed == 1
         w.link.sent.clear()
@@ -234,30 +247,18 @@ def test_a_late_advert_while_only_the_sync_link_is_lost_keeps_the_master(
     w = SyncWorld(tmp_path, alive="20ms")
 
     async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
-        assert d.sync is not None
-        w.exchange(d, 10)
-        run_due(w, d)
-        w.deliver(d, advert(200))
-        r = next(iter(d.slots.values())).router
+        r = follow_peer(w, d)
         heard = r.master_heard_at
         assert heard is not None
         before = r.counters.transitions
         late = float(heard) + 0.1 + float(r.skew_time) + 0.05  # one advert, 50 ms late
         assert late - float(heard) < 0.2
-        while w.t + 0.02 < late:
-            w.t += 0.02
-            d.sync._on_timer()
-            run_due(w, d)
+        sync_silent(w, d, int((late - w.t) / 0.02))
         w.t = late
         run_due(w, d)
         assert r.counters.fast_takeovers_armed == 1 and r.state.value == "BACKUP"
         w.deliver(d, advert(200))
-        for _ in range(20):
-            w.t += 0.02
-            d.sync._on_timer()
-            run_due(w, d)
-            if _ % 5 == 4:
-                w.deliver(d, advert(200))
+        sync_silent(w, d, 20, advert_every=5)
         assert r.state.value == "BACKUP" and r.counters.transitions == before
 
     run(tmp_path, body, w, sync_adapters=w.adapters)  # type: ignore[arg-type]
@@ -268,17 +269,8 @@ def test_adverts_still_heard_when_only_the_sync_link_is_lost_keep_the_master(
     w = SyncWorld(tmp_path, alive="20ms")
 
     async def body(w: SyncWorld, d: Daemon) -> None:  # type: ignore[override]
-        assert d.sync is not None
-        w.exchange(d, 10)
-        run_due(w, d)
-        w.deliver(d, advert(200))
-        r = next(iter(d.slots.values())).router
-        for _ in range(30):  # 0.6 s: the sync link is silent, the adverts keep coming
-            w.t += 0.02
-            d.sync._on_timer()
-            run_due(w, d)
-            if _ % 5 == 4:
-                w.deliver(d, advert(200))
+        r = follow_peer(w, d)
+        sync_silent(w, d, 30, advert_every=5)  # 0.6 s: the adverts keep coming
         assert r.state.value == "BACKUP" and r.counters.fast_takeovers_armed == 1
         assert r.master_down_timer == r.master_heard_at + r.master_down_interval  # type: ignore[operator]
 
