@@ -4,6 +4,7 @@ The work per event is counted, not timed."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import socket
 from fractions import Fraction as F
@@ -19,6 +20,7 @@ from test_runtime import PEER, World, advert, run
 from vipd.core import packet
 from vipd.core.packet import VRRP_GROUP_V4, VRRP_GROUP_V6, Advert, ChecksumVariant, IpMeta
 from vipd.core.router import MAX_PEERS, State, VirtualRouter
+from vipd.io.control_client import STATUS_REQUEST, expand_status
 from vipd.runtime import Daemon
 
 ME = IPv4Address("192.0.2.10")
@@ -207,14 +209,20 @@ def test_status_storm_builds_one_snapshot_per_window(tmp_path: Path,
         builds = {"n": 0}
         real = d.commands.status
 
-        def counting() -> dict[str, object]:
+        def counting(table: bool = False) -> dict[str, object]:
             builds["n"] += 1
-            return real()
+            return real(table)
 
         monkeypatch.setattr(d.commands, "status", counting)
         replies = await asyncio.gather(*(d.commands.handle({"command": "status"})
                                          for _ in range(200)))
         assert all(r["ok"] for r in replies) and builds["n"] == 1
+        # vipctl's form (instances as a table) is built once as well, and is the same model
+        tables = await asyncio.gather(*(d.commands.handle(dict(STATUS_REQUEST))
+                                        for _ in range(200)))
+        assert builds["n"] == 2
+        assert isinstance(tables[0]["status"]["instances"], dict)
+        assert expand_status(copy.deepcopy(tables[0]))["status"] == replies[0]["status"]
 
     run(tmp_path, body)
 

@@ -18,7 +18,7 @@ import time
 from typing import Any, NoReturn
 
 from vipd.defaults import DEFAULT_CONTROL_SOCKET
-from vipd.io.control_client import request
+from vipd.io.control_client import STATUS_REQUEST, expand_status, request
 
 # the monitoring-plugin convention (Nagios, Icinga): OK, WARNING, CRITICAL, UNKNOWN
 EXIT_OK, EXIT_DEGRADED, EXIT_CRITICAL, EXIT_UNKNOWN = 0, 1, 2, 3
@@ -162,7 +162,7 @@ def watch(args: argparse.Namespace, every_s: float) -> int:
     code = EXIT_OK
     try:
         while True:
-            reply = _ask(args.socket, {"command": "status"})
+            reply = _ask(args.socket, STATUS_REQUEST)
             if reply is None:
                 code = EXIT_UNREACHABLE
                 text = f"vipctl: cannot reach vipd at {args.socket}"
@@ -196,7 +196,7 @@ def _ask(path: str, req: dict[str, Any]) -> dict[str, Any] | None:
         if reply.get("error", {}).get("code") != "busy" or attempt == BUSY_RETRIES:
             break
         time.sleep(0.05 * (attempt + 1))  # every connection was mid-request: try again
-    return reply
+    return expand_status(reply)
 
 
 def in_words(cmd: str, reply: dict[str, Any]) -> str:
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         return watch(args, args.watch)
 
     if args.cmd == "status":
-        req: dict[str, Any] = {"command": "status"}
+        req: dict[str, Any] = STATUS_REQUEST
     elif args.cmd == "maintenance":
         req = {"command": "maintenance", "on": args.onoff == "on"}
     elif args.cmd == "sync":

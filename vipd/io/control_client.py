@@ -27,6 +27,21 @@ def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, A
     return reply
 
 
+# what vipctl sends for the status: the instances as a table, expanded by expand_status
+STATUS_REQUEST = {"command": "status", "instances": "table"}
+
+
+def expand_status(reply: dict[str, Any]) -> dict[str, Any]:
+    """A status reply with its instances as a table ({"fields", "rows"}) turned into the
+    status model's form (one object per instance), in place; any other reply as it is."""
+    st = reply.get("status")
+    inst = st.get("instances") if isinstance(st, dict) else None
+    if isinstance(st, dict) and isinstance(inst, dict):
+        fields = inst["fields"]
+        st["instances"] = [dict(zip(fields, row, strict=True)) for row in inst["rows"]]
+    return reply
+
+
 def stream(path: str, req: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Send one request and yield every JSON line the daemon writes until it closes."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 
 from vipd.config import ConfigError
 from vipd.core.node import Key, Slot
+from vipd.core.packet import IPAddress
 from vipd.core.router import State
-from vipd.status import RouterView, snapshot, static_status
+from vipd.status import RouterView, snapshot, static_row
 
 if TYPE_CHECKING:
     from vipd.runtime.daemon import Daemon
@@ -25,13 +26,15 @@ def error(code: str, message: str) -> dict[str, Any]:
 class Commands:
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
-        self._cache: tuple[float, dict[str, Any]] | None = None
-        self._static: dict[Key, tuple[Slot, dict[str, Any]]] = {}
+        # the last status reply of each form (instances as objects, as a table)
+        self._cache: dict[bool, tuple[float, dict[str, Any]]] = {}
+        self._static: dict[Key, tuple[Slot, tuple[Any, ...], tuple[str, ...],
+                                      tuple[IPAddress, ...]]] = {}
 
     async def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("command")
         if cmd == "status":
-            return self.shared_status()
+            return self.shared_status(req.get("instances") == "table")
         if cmd == "maintenance":
             on = req.get("on")
             if not isinstance(on, bool):
@@ -61,15 +64,17 @@ class Commands:
             return {"ok": True, "node": self.d.cfg.node.name}
         return error("unknown_command", f"unknown command {cmd!r}")
 
-    def shared_status(self) -> dict[str, Any]:
+    def shared_status(self, table: bool = False) -> dict[str, Any]:
         """One snapshot serves every status request of a short window: a storm of clients
-        costs one build per window, not one per client (the adverts keep their time)."""
+        costs one build per window, not one per client (the adverts keep their time).
+        `table`: the instances as a table (see vipd.status.snapshot)."""
         now = self.d._loop.time()
-        if self._cache is None or now - self._cache[0] > STATUS_REUSE_S:
-            self._cache = (now, {"ok": True, "status": self.status()})
-        return self._cache[1]
+        got = self._cache.get(table)
+        if got is None or now - got[0] > STATUS_REUSE_S:
+            got = self._cache[table] = (now, {"ok": True, "status": self.status(table)})
+        return got[1]
 
-    def status(self) -> dict[str, Any]:
+    def status(self, table: bool = False) -> dict[str, Any]:
         d = self.d
         now = d.now()
         views = [self._router_view(s) for s in d.node.slots.values()]
@@ -92,7 +97,8 @@ class Commands:
                 node_problems.append(f"track {t['name']} ({t['kind']} {t['target']}) is "
                                      f"failing" + (f": {t['last']}" if t.get("last") else ""))
         snap = snapshot(d.cfg.node.name, d.cfg.mode.value, views, ifaces, now,
-                        float(now - d._started), d.reloads, node_problems, d.stopping)
+                        float(now - d._started), d.reloads, node_problems, d.stopping,
+                        table)
         snap["accept_mode_enforced"] = d.accept_mode_enforced
         snap["tracking"] = {"trackers": trackers, "demotions": dict(d.node.demotions),
                             "groups": {g.name: list(g.vlans) for g in d.cfg.groups}}
@@ -145,27 +151,31 @@ class Commands:
                            "vips": [str(x) for x in v.vips]} for v in d.cfg.vlans],
                 "table": table}
 
-    def _static_of(self, slot: Slot) -> dict[str, Any]:
-        """The configuration's part of a router's status, built once per router."""
+    def _static_of(self, slot: Slot) -> tuple[tuple[Any, ...], tuple[str, ...],
+                                              tuple[IPAddress, ...]]:
+        """The configuration's part of a router's status, its VIPs as text and their
+        addresses: built once per router."""
         got = self._static.get(slot.key)
         if got is None or got[0] is not slot:
             spec = slot.spec
-            got = self._static[slot.key] = (slot, static_status(RouterView(
-                spec.vlan, spec.interface, slot.router, tuple(str(v) for v in spec.vips),
-                slot.drops, unicast_peers=tuple(str(a) for a in spec.peers))))
-        return got[1]
+            vips = tuple(str(v) for v in spec.vips)
+            got = self._static[slot.key] = (slot, static_row(RouterView(
+                spec.vlan, spec.interface, slot.router, vips, slot.drops,
+                unicast_peers=tuple(str(a) for a in spec.peers))), vips,
+                tuple(v.ip for v in spec.vips))
+        return got[1], got[2], got[3]
 
     def _router_view(self, slot: Slot) -> RouterView:
-        static = self._static_of(slot)
+        static, vips, ips = self._static_of(slot)
         index = self.d.links.vip_index(slot.key)
         held = self.d.links.kernel_addrs.get(index) if index is not None else None
         return RouterView(
-            slot.spec.vlan, slot.spec.interface, slot.router, static["vips"], slot.drops,
+            slot.spec.vlan, slot.spec.interface, slot.router, vips, slot.drops,
             kernel_vips=None if held is None else tuple(
-                text for v, text in zip(slot.vips, static["vips"], strict=True)
-                if v.ip in held),
+                text for ip, text in zip(ips, vips, strict=True) if ip in held),
+            static=static,
             vips_settling=self.d.executor.settling(slot.key) or slot.installing,
-            vips_repaired=slot.vips_repaired, static=static,
+            vips_repaired=slot.vips_repaired,
             split_brain_with=self.d.node.peer_master_with_link(slot)
             if slot.router.state is State.MASTER else None,
             group=slot.group,
