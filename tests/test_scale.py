@@ -4,6 +4,9 @@ node. Counted, not timed: calls into the routers and timer handles created."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from ipaddress import ip_interface
 from pathlib import Path
 
@@ -12,6 +15,7 @@ import pytest
 from vipd.config import loads
 from vipd.core.router import VirtualRouter
 from vipd.io.announce import FakeAnnouncer
+from vipd.io.control_client import STATUS_REQUEST, expand_status
 from vipd.io.lock import InstanceLock
 from vipd.io.nft import FakeAcceptGuard
 from vipd.io.rtnl import FakeRtnl, LinkInfo
@@ -151,3 +155,34 @@ def test_a_thousand_takeovers_install_in_one_batch_then_announce(tmp_path: Path)
         await d.close()
 
     asyncio.run(main())
+
+
+def test_status_of_a_thousand_routers_goes_to_vipctl_as_a_table(tmp_path: Path) -> None:
+    """`vipctl status` at 1000 routers: the instances travel as one table (field names
+    once, not 1000 times) and come back as the status model, unchanged."""
+    async def main() -> None:
+        d = daemon(tmp_path, "c", "per-vlan-active", 250, fake_links(), {"t": 1e9})
+        await d.start()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        objects = await d.commands.handle({"command": "status"})
+        table = await d.commands.handle(dict(STATUS_REQUEST))
+        await d.close()
+        encoded = [json.dumps(r, separators=(",", ":")).encode() for r in (objects, table)]
+        assert len(encoded[1]) < 400 * 1000 < len(encoded[0])
+        expanded = expand_status(json.loads(encoded[1]))["status"]
+        assert len(expanded["instances"]) == 1000
+        assert expanded == json.loads(encoded[0])["status"]
+
+    asyncio.run(main())
+
+
+def test_vipctl_imports_nothing_of_the_daemon() -> None:
+    """Every `vipctl status` pays for its imports: the status model, the configuration
+    loader, asyncio and typing stay out (a subprocess: a fresh interpreter's modules)."""
+    code = "import sys, vipd.vipctl; print('\\n'.join(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    heavy = {"asyncio", "typing", "yaml", "pyroute2", "fractions", "ipaddress",
+             "vipd.config", "vipd.status", "vipd.core", "vipd.runtime"}
+    assert heavy.isdisjoint(out), heavy.intersection(out)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterator
-from typing import Any
+
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs vipctl 3 ms
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from typing import Any
 
 
 def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
