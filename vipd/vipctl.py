@@ -29,10 +29,14 @@ EXIT_UNREACHABLE = EXIT_CRITICAL
 BUSY_RETRIES = 5
 
 
+_MS_TEXT: dict[float | None, str] = {None: "-"}  # intervals repeat across routers
+
+
 def _ms(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3f}".rstrip("0").rstrip(".") + " ms"
+    text = _MS_TEXT.get(v)
+    if text is None:
+        text = _MS_TEXT[v] = f"{v:.3f}".rstrip("0").rstrip(".") + " ms"
+    return text
 
 
 def _ago(v: float | None) -> str:
