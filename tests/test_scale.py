@@ -186,3 +186,12 @@ def test_vipctl_imports_nothing_of_the_daemon() -> None:
     heavy = {"asyncio", "typing", "yaml", "pyroute2", "fractions", "ipaddress",
              "vipd.config", "vipd.status", "vipd.core", "vipd.runtime"}
     assert heavy.isdisjoint(out), heavy.intersection(out)
+
+
+def test_vipctl_reads_a_daemon_that_answers_with_objects() -> None:
+    """A daemon from before the table form ignores `"instances": "table"` (a rolling
+    upgrade): its reply, and any error, pass through expand_status unchanged."""
+    old = {"ok": True, "status": {"instances": [{"name": "v0/vrid 1/IPv4"}]}}
+    assert expand_status(json.loads(json.dumps(old))) == old
+    err = {"ok": False, "error": {"code": "busy", "message": "x"}}
+    assert expand_status(dict(err)) == err
