@@ -74,11 +74,6 @@ def static_row(v: RouterView) -> tuple[Any, ...]:
             list(v.unicast_peers))
 
 
-def static_status(v: RouterView) -> dict[str, Any]:
-    """The part of a router's status that only its configuration decides."""
-    return dict(zip(STATIC_FIELDS, static_row(v), strict=True))
-
-
 @functools.lru_cache(maxsize=1024)
 def _timing_ms(version: int, priority: int, interval_cs: int) -> tuple[int, float, float]:
     """Learned interval, Master_Down_Interval and Skew_Time in ms (Fractions are slow)."""
@@ -109,7 +104,7 @@ def router_row(v: RouterView, now_s: Fraction) -> tuple[Any, ...]:
         [{"source": x.source, "delta": x.delta, "fault": x.fault} for x in v.contributions]
         if v.contributions else [],
         v.group,
-        "maintenance" in r.drains,
+        r.maintenance,
         sorted(r.drains) if r.drains else [],
         _s(r.primary_address) if r.primary_address else None,
         _s(master) if master else None,
@@ -154,14 +149,10 @@ def router_row(v: RouterView, now_s: Fraction) -> tuple[Any, ...]:
         v.split_brain_with,
         c.vlan_silent_held,
         _age(now, r.vlan_silent_since),
-        r.last_conflict_at is not None and r.dual_master_recent(now_s),
+        r.dual_master_recent(now_s),
         {k.value: n for k, n in sorted(v.drops.items(), key=lambda kv: kv[0].value) if n}
         if v.drops else {},
     )
-
-
-def router_status(v: RouterView, now_s: Fraction) -> dict[str, Any]:
-    return dict(zip(FIELDS, router_row(v, now_s), strict=True))
 
 
 # where each field sits in a router_row()

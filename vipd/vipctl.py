@@ -348,11 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         req = {"command": "demote", "target": args.target, "change": args.change}
     else:
         req = {"command": "reload"}
-    got = _ask(args.socket, req)
-    if got is None:
+    reply = _ask(args.socket, req)
+    if reply is None:
         print(f"vipctl: cannot reach vipd at {args.socket}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    reply = got
     if not reply.get("ok"):
         err = reply.get("error", {})
         print(f"vipctl: {err.get('code')}: {err.get('message')}", file=sys.stderr)

@@ -861,17 +861,14 @@ class Node:
                 # a master sends the same bytes every interval: encode once
                 fields = (act.priority, act.interval_cs, src)
                 cached = slot.advert
-                peers = slot.spec.peers
+                # each unicast peer, or the multicast group (None)
+                dsts: tuple[IPAddress | None, ...] = slot.spec.peers or (None,)
                 if cached is None or cached[0] != fields:
                     cfg = slot.router.config
                     cached = slot.advert = (fields, tuple(
-                        encode_advert(cfg, act, src, dst) for dst in peers) if peers
-                        else (encode_advert(cfg, act, src),))
-                if peers:
-                    for dst, payload in zip(peers, cached[1], strict=True):
-                        out.append(Send(key, payload, src, dst))
-                else:
-                    out.append(Send(key, cached[1][0], src))
+                        encode_advert(cfg, act, src, dst) for dst in dsts))
+                for dst, payload in zip(dsts, cached[1], strict=True):
+                    out.append(Send(key, payload, src, dst))
             elif isinstance(act, AddVips):
                 self._ask_install(slot, now)
             elif isinstance(act, RemoveVips):

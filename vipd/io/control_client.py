@@ -38,10 +38,9 @@ def expand_status(reply: dict[str, Any]) -> dict[str, Any]:
     """A status reply with its instances as a table ({"fields", "rows"}) turned into the
     status model's form (one object per instance), in place; any other reply as it is."""
     st = reply.get("status")
-    inst = st.get("instances") if isinstance(st, dict) else None
-    if isinstance(st, dict) and isinstance(inst, dict):
-        fields = inst["fields"]
-        st["instances"] = [dict(zip(fields, row, strict=True)) for row in inst["rows"]]
+    if isinstance(st, dict) and isinstance(st.get("instances"), dict):
+        fields, rows = st["instances"]["fields"], st["instances"]["rows"]
+        st["instances"] = [dict(zip(fields, row, strict=True)) for row in rows]
     return reply
 
 
