@@ -133,8 +133,6 @@ class ClusterConfig:
     queue: int = 7100  # NFQUEUE number for the first packet of each connection
 
 
-
-
 @dataclass(frozen=True)
 class SyncConfig:
     interface: str
@@ -540,7 +538,7 @@ def _track_refs(p: _Parser, path: str, m: Mapping[str, Any], via: str) -> tuple[
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        p.err(f"{_join(path, 'track')}", raw, "is not a list of tracker names")
+        p.err(_join(path, "track"), raw, "is not a list of tracker names")
         return ()
     refs: list[TrackRef] = []
     for i, r in enumerate(raw):
@@ -774,6 +772,7 @@ def parse(data: object, source: str = "") -> Config:
             continue
         name = p.get(path, m, "name", _label, "is not a VLAN name", required=True)
         ifname = p.get(path, m, "interface", _name, "is not an interface name", required=True)
+        track = _track_refs(p, path, m, f"vlan {name}")
         insts: list[InstanceConfig] = []
         raw_insts = m.get("instances")
         if all_active:
@@ -785,7 +784,6 @@ def parse(data: object, source: str = "") -> Config:
                          "addresses with prefix length", required=True) or ()
             mac = p.opt(path, m, "multicast_mac", _multicast_mac, "is not a multicast MAC "
                         "address (first octet odd)", default_multicast_mac(i))
-            track = _track_refs(p, path, m, f"vlan {name}")
             if name and ifname and vips:
                 vlans.append(VlanConfig(name, ifname, (), tuple(vips), mac, track))
             continue
@@ -803,7 +801,6 @@ def parse(data: object, source: str = "") -> Config:
                           f"is already used for IPv{fam} by instances[{seen[inst.vrid, fam]}]")
                 seen[inst.vrid, fam] = j
             insts.append(inst)
-        track = _track_refs(p, path, m, f"vlan {name}")
         if name and ifname:
             vlans.append(VlanConfig(name, ifname, tuple(insts), track=track))
     for attr in ("name", "interface"):

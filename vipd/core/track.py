@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OWNER_PRIORITY = 255
+from vipd.core.router import OWNER_PRIORITY
+
 MAX_DEMOTION = 254
 NODE = "node"  # the demotion target (and group name) meaning every router of the node
 

@@ -265,9 +265,8 @@ class Daemon:
         while True:
             t = self._loop.time()
             await asyncio.sleep(0.1)
-            lag = max(0.0, self._loop.time() - t - 0.1)
             now = self._loop.time()
-            self._lags.append((now, lag))
+            self._lags.append((now, max(0.0, now - t - 0.1)))
             while self._lags and self._lags[0][0] < now - 60:
                 self._lags.popleft()
 
@@ -497,6 +496,8 @@ class Daemon:
         return count
 
     def _load_demotions(self) -> None:
+        from vipd.core.track import MAX_DEMOTION
+
         try:
             with open(self.demote_path) as f:
                 saved = json.load(f)
@@ -505,7 +506,7 @@ class Daemon:
         if not isinstance(saved, dict):
             return
         for target, count in saved.items():
-            if isinstance(target, str) and isinstance(count, int) and 0 < count <= 254:
+            if isinstance(target, str) and isinstance(count, int) and 0 < count <= MAX_DEMOTION:
                 self.node.set_demotion(self.now(), target, count)
                 log.warning("demotion of %s: %d (kept from before the restart; "
                             "`vipctl demote %s 0` clears it)", target, count, target)
