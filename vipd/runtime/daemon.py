@@ -33,6 +33,7 @@ from vipd.config import (
     router_specs,
 )
 from vipd.core.node import Key, Node, Slot
+from vipd.core.track import MAX_DEMOTION, NODE, demoted
 from vipd.io.announce import Announcer
 from vipd.io.cluster import ClusterPlane, ClusterVlan
 from vipd.io.conntrack import Conntrack
@@ -476,8 +477,6 @@ class Daemon:
     def demote(self, target: str, change: str) -> int:
         """`vipctl demote TARGET +N|-N|0`. Raises ValueError for an unknown target or a
         malformed change."""
-        from vipd.core.track import NODE, demoted
-
         groups = {g.name for g in self.cfg.groups}
         if target != NODE and target not in groups:
             known = ", ".join([NODE, *sorted(groups)])
@@ -496,8 +495,6 @@ class Daemon:
         return count
 
     def _load_demotions(self) -> None:
-        from vipd.core.track import MAX_DEMOTION
-
         try:
             with open(self.demote_path) as f:
                 saved = json.load(f)
