@@ -3,6 +3,7 @@ what `vipctl status --json` says (vipd.metrics)."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -96,3 +97,28 @@ def test_the_reference_parser_reads_it_and_docs_metrics_md_lists_every_family(
             assert f.samples, name
 
     run(tmp_path, body)
+
+
+def test_each_family_is_one_group_with_many_routers(tmp_path: Path) -> None:
+    """The format wants a family's samples together: with several routers the reference
+    parser must still see each family once, with its declared type (it took the second
+    router's samples for new families of unknown type)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from test_scale import daemon, fake_links
+
+    async def main() -> None:
+        d = daemon(tmp_path, "m", "per-vlan-active", 2, fake_links(), {"t": 1e9})
+        await d.start()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        st = d.status()
+        await d.close()
+        assert len(st["instances"]) == 8
+        families = list(text_string_to_metric_families(exposition(st)))
+        names = [f.name for f in families]
+        assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+        assert all(f.type in ("gauge", "counter") for f in families)
+        state = next(f for f in families if f.name == "vipd_router_state")
+        assert len(state.samples) == 8 * 4
+
+    asyncio.run(main())

@@ -45,18 +45,22 @@ def _labels(pairs: Iterable[tuple[str, object]]) -> str:
 
 
 class _Out:
+    """The samples grouped by family, each after its HELP and TYPE: the format wants a
+    family's lines together, and the per-router families are added router by router."""
+
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._declared: set[str] = set()
+        self.families: dict[str, list[str]] = {}
 
     def metric(self, name: str, kind: str, help_: str, value: float,
                labels: Iterable[tuple[str, object]] = ()) -> None:
-        if name not in self._declared:
-            self._declared.add(name)
-            self.lines.append(f"# HELP {name} {help_}")
-            self.lines.append(f"# TYPE {name} {kind}")
+        lines = self.families.get(name)
+        if lines is None:
+            lines = self.families[name] = [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
         v = int(value) if isinstance(value, bool) else value
-        self.lines.append(f"{name}{_labels(labels)} {v}")
+        lines.append(f"{name}{_labels(labels)} {v}")
+
+    def text(self) -> str:
+        return "".join(line + "\n" for lines in self.families.values() for line in lines)
 
 
 def exposition(status: dict[str, Any], loop_lag_s: float | None = None,
@@ -145,4 +149,4 @@ def exposition(status: dict[str, Any], loop_lag_s: float | None = None,
             if b["packets"] is not None:
                 out.metric("vipd_cluster_bucket_packets_total", "counter",
                            "packets of the bucket reaching this node", b["packets"], lab)
-    return "\n".join(out.lines) + "\n"
+    return out.text()
