@@ -305,9 +305,15 @@ def _group_track(children: list[Block], trackers: dict[str, dict[str, Any]],
                  notify: dict[str, list[str]], notes: list[str]) -> list[Any]:
     holder = Block(["group"], 0, children)
     _notify(holder, notify, notes, "vrrp_sync_group")
+    return _all_track_refs(holder, trackers, notes)
+
+
+def _all_track_refs(b: Block, trackers: dict[str, dict[str, Any]],
+                    notes: list[str]) -> list[Any]:
+    """Every track_interface, track_script and track_file of a block, as references."""
     refs: list[Any] = []
     for kind in ("track_interface", "track_script", "track_file"):
-        refs += _track_refs(holder.find(kind), kind, trackers, notes)
+        refs += _track_refs(b.find(kind), kind, trackers, notes)
     return refs
 
 
@@ -365,9 +371,7 @@ def _instance(b: Block, version: int, strict: bool, trackers: dict[str, dict[str
         inst["accept_mode"] = False
     else:  # keepalived answers for its VIPs unless vrrp_strict
         inst["accept_mode"] = True
-    track: list[Any] = []
-    for kind in ("track_interface", "track_script", "track_file"):
-        track += _track_refs(b.find(kind), kind, trackers, notes)
+    track = _all_track_refs(b, trackers, notes)
     if track:
         inst["track"] = track
     _notify(b, notify, notes, where)
